@@ -1,0 +1,100 @@
+"""``SectionalKDPolicy``: DCQ's train-section stage as a Distiller policy."""
+import copy
+import logging
+
+import torch
+from distiller.policy import LossComponent, PolicyLoss, ScheduledTrainingPolicy
+
+from ..engine.sections import SectionWiring
+from .checkpoints import load_distiller_checkpoint
+
+msglogger = logging.getLogger()
+
+
+class SectionalKDPolicy(ScheduledTrainingPolicy):
+    """Train each section of the quantized model to reproduce the teacher's activations at its end.
+
+    Declared under ``extensions:`` and scheduled under ``policies:`` (``frequency: 1``). Its epoch
+    window is the train-section stage: the model is split when the window starts and merged when
+    it ends; epochs after it fine-tune the merged network as usual.
+
+    Args (YAML keys):
+        boundaries: module names whose outputs end sections, in forward order.
+        num_sections: instead of boundaries, cut into N sections balanced by cost.
+        loss: poisson (default), kl, mse, l1, cosine.
+        temperature: softens the probabilities of the last section (and kl's distributions).
+        label_weight: adds label_weight * cross-entropy(last section, labels) to the loss (default 0).
+        teacher: path to an FP checkpoint of the same architecture; default: the model as it stood
+            when the schedule was built (load it with --exp-load-weights-from).
+    """
+
+    def __init__(self, model, name="dcq", boundaries=None, num_sections=None, loss="poisson", temperature=1.0,
+                 label_weight=0.0, teacher=None):
+        super().__init__()
+        self.name = name
+        self.label_weight = float(label_weight)
+        teacher_model = copy.deepcopy(model)
+        if teacher is not None:
+            _load_teacher_weights(teacher_model, teacher, model)
+        example_input = torch.zeros(_input_shape(model), device=next(model.parameters()).device)
+        self.wiring = SectionWiring(model, teacher_model, boundaries, num_sections=num_sections,
+                                    example_input=example_input, loss=loss, temperature=temperature)
+        msglogger.info("DCQ %s: %d sections ending at %s; loss %s; teacher %s", name, len(self.wiring.section_names),
+                       ", ".join(self.wiring.section_names), loss, teacher or "the model as loaded")
+
+    def on_epoch_begin(self, model, zeros_mask_dict, meta, **kwargs):
+        if meta.get("frequency") not in (None, 1):
+            raise ValueError(f"DCQ policy {self.name!r} needs frequency: 1 (its window is one stage), "
+                             f"got {meta['frequency']}")
+        if not self.wiring.is_split:
+            self.wiring.split()
+            msglogger.info("DCQ %s: split into %d sections for epochs %d-%d", self.name,
+                           len(self.wiring.section_names), meta["starting_epoch"], meta["ending_epoch"] - 1)
+
+    def before_backward_pass(self, model, epoch, minibatch_id, minibatches_per_epoch, loss, zeros_mask_dict,
+                             optimizer=None):
+        if not self.wiring.is_split:
+            return None
+        section_losses = self.wiring.section_losses()
+        overall = sum(section_losses.values())
+        if self.label_weight:
+            overall = overall + self.label_weight * loss
+        components = [LossComponent(f"DCQ {name} {self.wiring.loss_name}", value)
+                      for name, value in section_losses.items()]
+        return PolicyLoss(overall, components)
+
+    def on_epoch_end(self, model, zeros_mask_dict, meta, **kwargs):
+        if meta["current_epoch"] != meta["ending_epoch"] - 1:
+            return
+        self.wiring.merge()
+        top1 = kwargs.get("metrics", {}).get("max")
+        msglogger.info("DCQ %s: merged the %d sections into one network; stitched network validation Top1: %s",
+                       self.name, len(self.wiring.section_names), "n/a" if top1 is None else f"{top1:.3f}")
+
+
+def _input_shape(model):
+    inner = getattr(model, "module", model)
+    shape = getattr(model, "input_shape", None) or getattr(inner, "input_shape", None)
+    if shape is None:
+        raise ValueError("the model has no input_shape attribute (Distiller's create_model sets it): cannot "
+                         "check the DCQ boundaries")
+    return tuple(shape)
+
+
+def _load_teacher_weights(teacher_model, path, model):
+    checkpoint = load_distiller_checkpoint(path)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"teacher checkpoint {path!r} has no 'state_dict': give a Distiller checkpoint")
+    arch = getattr(model, "arch", None)
+    if arch and checkpoint.get("arch") not in (None, arch):
+        raise ValueError(f"teacher checkpoint {path!r} is for arch {checkpoint['arch']!r}, but the model is "
+                         f"{arch!r}: give a teacher of the same architecture")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint["state_dict"].items()}
+    target = getattr(teacher_model, "module", teacher_model)
+    expected = target.state_dict()
+    mismatched = [k for k, v in state.items() if k in expected and expected[k].shape != v.shape]
+    missing = [k for k in expected if k not in state]
+    if mismatched or missing:
+        raise ValueError(f"teacher checkpoint {path!r} does not fit the model (missing {missing[:5]}, shape "
+                         f"mismatch {mismatched[:5]}): give a teacher of the same architecture and classes")
+    target.load_state_dict(state, strict=False)

@@ -1,0 +1,25 @@
+"""distiller-dcq: Divide and Conquer Quantization (Elthakeb et al., 2020) for Intel's Distiller.
+
+``distiller_dcq.engine`` is plain PyTorch. Importing this package (which the installed
+``distiller_dcq.pth`` does at every interpreter start) only arranges that, whenever Distiller is
+imported, our YAML classes are registered with ``distiller.config`` and the compat patches for
+today's Python/PyTorch/pandas are applied. Set ``DISTILLER_DCQ_NO_AUTOLOAD=1`` to stop the
+``.pth`` file from doing so.
+"""
+from ._hooks import when_imported
+
+__version__ = "0.1.0"
+
+
+def _on_distiller_imported(distiller):
+    from .adapter import register
+    register(distiller)
+
+
+def _on_checkpoint_module_imported(checkpoint_module):
+    from .adapter.compat import patch_checkpoint_loading
+    patch_checkpoint_loading(checkpoint_module)
+
+
+when_imported("distiller.apputils.checkpoint", _on_checkpoint_module_imported)
+when_imported("distiller", _on_distiller_imported)

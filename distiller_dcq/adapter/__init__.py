@@ -1,0 +1,23 @@
+"""The Distiller adapter: YAML classes, registration with ``distiller.config``, compat patches.
+
+The only package that imports Distiller; ``distiller_dcq.engine`` never does.
+"""
+from .compat import patch_checkpoint_loading, patch_pandas_precision
+from .policy import SectionalKDPolicy
+from .quantizer import DCQQuantizer
+
+YAML_CLASSES = (DCQQuantizer, SectionalKDPolicy)
+
+
+def register(distiller):
+    """Make our classes resolvable as YAML ``class:`` names and apply the compat patches."""
+    import distiller.apputils.checkpoint as checkpoint_module
+    import distiller.config as config
+    import distiller.model_summaries as model_summaries
+    for cls in YAML_CLASSES:
+        setattr(config, cls.__name__, cls)
+    patch_pandas_precision(model_summaries)
+    patch_checkpoint_loading(checkpoint_module)
+
+
+__all__ = ["DCQQuantizer", "SectionalKDPolicy", "register", "YAML_CLASSES"]

@@ -1,0 +1,51 @@
+"""``DCQQuantizer``: Distiller's DorefaQuantizer with binary, ternary and k-bit weight modes."""
+from distiller.quantization.clipped_linear import DorefaQuantizer
+
+from ..engine.quantizers import BinaryWeights, DorefaWeights, make_weight_quantizer
+
+_MODE_BITS = {"binary": 1, "ternary": 2}
+
+
+class DCQQuantizer(DorefaQuantizer):
+    """Quantization-aware training of every conv/linear weight (first and last layers included).
+
+    Args (YAML keys):
+        weight_mode: ``binary`` {-1,+1}, ``ternary`` {-1,0,+1} or ``dorefa`` (k-bit, needs bits_weights).
+        scale: ``layer`` (one least-squares scale per tensor, default) or ``none`` (bare levels).
+        ternary_threshold: ternary zeroes |w| <= ternary_threshold * mean|w| (TWN: 0.7).
+        bits_weights: only for ``dorefa``; binary is 1 bit and ternary is stored as 2.
+        bits_activations: DoReFa activation bits (ReLU -> clipped [0, 1] levels); None keeps FP activations.
+        bits_bias: bias bits; None (default) keeps biases FP.
+        overrides: Distiller's per-layer overrides; ``bits_weights: null`` keeps a layer FP, another
+            bit width gives that layer k-bit DoReFa weights (1 bit: binary).
+    """
+
+    def __init__(self, model, optimizer, weight_mode="binary", scale="layer", ternary_threshold=0.7,
+                 bits_weights=None, bits_activations=None, bits_bias=None, overrides=None):
+        self.weight_quantizer = self._main_quantizer(weight_mode, scale, ternary_threshold, bits_weights)
+        super().__init__(model, optimizer, bits_activations=bits_activations,
+                         bits_weights=self.weight_quantizer.bits, bits_bias=bits_bias, overrides=overrides)
+        self.scale = scale
+        self._by_bits = {self.weight_quantizer.bits: self.weight_quantizer}
+        self.param_quantization_fn = self._quantize_param
+        model.quantizer_metadata["params"].update(weight_mode=weight_mode, scale=scale,
+                                                  ternary_threshold=ternary_threshold)
+
+    @staticmethod
+    def _main_quantizer(weight_mode, scale, ternary_threshold, bits_weights):
+        if weight_mode in _MODE_BITS and bits_weights not in (None, _MODE_BITS[weight_mode]):
+            raise ValueError(f"weight_mode {weight_mode} has {_MODE_BITS[weight_mode]} bit(s), but bits_weights is "
+                             f"{bits_weights}: drop bits_weights, or use weight_mode dorefa for k-bit weights")
+        if weight_mode == "ternary":
+            return make_weight_quantizer(weight_mode, scale=scale, threshold=ternary_threshold)
+        if weight_mode == "dorefa":
+            if bits_weights is None:
+                raise ValueError("weight_mode dorefa needs bits_weights (an integer >= 2)")
+            return make_weight_quantizer(weight_mode, bits=bits_weights, scale=scale)
+        return make_weight_quantizer(weight_mode, scale=scale)
+
+    def _quantize_param(self, param_fp, param_meta):
+        bits = param_meta.num_bits
+        if bits not in self._by_bits:
+            self._by_bits[bits] = BinaryWeights(self.scale) if bits == 1 else DorefaWeights(bits, self.scale)
+        return self._by_bits[bits](param_fp)

@@ -1,0 +1,255 @@
+"""Cutting a network into sections and training each one against the teacher (DCQ, parallel mode).
+
+A section ends at the output of a named module (a *boundary*); the last one ends at the model's
+output. While the wiring is split, every training-mode forward of the student
+
+1. runs the frozen teacher once on the batch, keeping its activation at every boundary;
+2. runs the student, and at each boundary keeps the student's activation (the end of section i)
+   and hands the teacher's activation on instead, so section i+1 learns from the teacher's input.
+
+Gradients therefore never cross a section border, and all sections learn in the same step.
+Eval-mode forwards are left alone: validating the student always measures the stitched network.
+``merge()`` removes the hooks and leaves one ordinary network.
+"""
+import itertools
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .losses import get_loss
+
+OUTPUT = "output"  # name of the last section's end: the model output
+
+
+def _strip_parallel_prefix(name):
+    return name[len("module."):] if name.startswith("module.") else name
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, nn.DataParallel) else model
+
+
+def _module_index(model):
+    """Module names of ``model`` (without a DataParallel ``module.`` prefix) -> module."""
+    return OrderedDict((n, m) for n, m in _unwrap(model).named_modules()
+                       if n and ".parametrizations" not in n and not n.startswith("parametrizations"))
+
+
+@dataclass
+class ForwardTrace:
+    """What one forward pass showed: modules in first-call order, call counts, conv/linear MACs."""
+    order: list = field(default_factory=list)
+    calls: Counter = field(default_factory=Counter)
+    macs: Counter = field(default_factory=Counter)
+    returns_output: set = field(default_factory=set)
+
+
+def trace_forward(model, example_input):
+    """Run ``model`` once on ``example_input`` (eval mode, no grad) and record a ``ForwardTrace``."""
+    trace, handles, outputs = ForwardTrace(), [], {}
+    modules = _module_index(model)
+
+    def hook(name):
+        def record(module, inputs, output):
+            if not trace.calls[name]:
+                trace.order.append(name)
+            trace.calls[name] += 1
+            outputs[name] = output
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and torch.is_tensor(output):
+                per_output = module.weight[0].numel() if isinstance(module, nn.Conv2d) else module.in_features
+                trace.macs[name] += output[0].numel() * per_output
+        return record
+
+    for name, module in modules.items():
+        handles.append(module.register_forward_hook(hook(name)))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model_output = model(example_input)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    trace.returns_output = {n for n, out in outputs.items() if out is model_output}
+    return trace
+
+
+def balanced_boundaries(model, num_sections, example_input):
+    """Choose ``num_sections - 1`` boundaries among the top-level children of ``model``, so that the
+    most expensive section (conv/linear MACs) is as cheap as possible. A child can end a section
+    only if the next child holds a conv or linear layer: cuts fall after ReLUs and poolings."""
+    if not isinstance(num_sections, int) or num_sections < 1:
+        raise ValueError(f"num_sections must be an integer >= 1, got {num_sections!r}")
+    trace = trace_forward(model, example_input)
+    children = OrderedDict(_unwrap(model).named_children())
+    ordered = [n for n in trace.order if n in children]
+
+    def cost(child):
+        return sum(m for n, m in trace.macs.items() if n == child or n.startswith(child + "."))
+
+    def has_weights(child):
+        return any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in children[child].modules())
+
+    candidates = [i for i in range(len(ordered) - 1) if has_weights(ordered[i + 1])]
+    if num_sections - 1 > len(candidates):
+        raise ValueError(f"cannot cut {type(model).__name__} into {num_sections} sections: its top-level blocks "
+                         f"allow at most {len(candidates) + 1} ({', '.join(ordered[i] for i in candidates)} can end "
+                         f"a section); lower num_sections or list boundaries by name")
+    prefix = list(itertools.accumulate(cost(c) for c in ordered))
+
+    def section_costs(cuts):
+        ends = [prefix[i] for i in cuts] + [prefix[-1]]
+        return [b - a for a, b in zip([0] + ends[:-1], ends)]
+
+    best = min(itertools.combinations(candidates, num_sections - 1),
+               key=lambda cuts: (max(section_costs(cuts)), sum(c * c for c in section_costs(cuts))))
+    return [ordered[i] for i in best]
+
+
+def validate_boundaries(model, boundaries, example_input):
+    """Check ``boundaries`` against ``model``; return them without any DataParallel prefix."""
+    if not boundaries:
+        raise ValueError("the section list is empty: name at least one module whose output ends a section "
+                         "(boundaries: [...]), or ask for num_sections: N")
+    if isinstance(boundaries, str):
+        raise ValueError(f"boundaries must be a list of module names, got the string {boundaries!r}: "
+                         f"write [{boundaries}]")
+    names = [_strip_parallel_prefix(b) for b in boundaries]
+    valid = _module_index(model)
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ValueError(f"unknown boundary module(s) {unknown} in {type(model).__name__}; valid names: "
+                         f"{', '.join(valid)}")
+    duplicates = sorted(n for n, k in Counter(names).items() if k > 1)
+    if duplicates:
+        raise ValueError(f"boundary module(s) {duplicates} listed more than once: list each boundary once")
+    trace = trace_forward(model, example_input)
+    never = [n for n in names if not trace.calls[n]]
+    if never:
+        raise ValueError(f"boundary module(s) {never} never run in {type(model).__name__}'s forward pass: "
+                         f"choose modules the forward pass calls")
+    repeated = [n for n in names if trace.calls[n] > 1]
+    if repeated:
+        raise ValueError(f"boundary module(s) {repeated} run more than once per forward pass, so their output "
+                         f"does not mark one place in the network: choose modules that run once")
+    forward_order = sorted(names, key=trace.order.index)
+    if forward_order != names:
+        raise ValueError(f"boundaries must be listed in forward order: got {names}, the forward pass reaches "
+                         f"them as {forward_order}")
+    at_output = [n for n in names if n in trace.returns_output]
+    if at_output:
+        raise ValueError(f"boundary module(s) {at_output} produce the model output, where the last section ends "
+                         f"anyway: remove them from the boundaries")
+    return names
+
+
+class SectionWiring:
+    """DCQ's sectional training of ``student`` against a frozen ``teacher`` of the same architecture.
+
+    Args:
+        student: the network being quantized (trained in place).
+        teacher: the full-precision network; frozen and kept in eval mode.
+        boundaries: module names whose outputs end sections, in forward order.
+        num_sections: instead of ``boundaries``, cut into this many sections, balanced by cost.
+        example_input: one batch-shaped tensor, used once to check the boundaries (and to cost them).
+        loss: a name from ``distiller_dcq.engine.losses.LOSSES``.
+        temperature: softens probabilities/distributions in the losses that use them.
+
+    Use: ``split()``; then every training forward ``student(x)`` followed by ``section_losses()``
+    gives one loss per section; ``merge()`` at the end.
+    """
+
+    def __init__(self, student, teacher, boundaries=None, *, num_sections=None, example_input,
+                 loss="poisson", temperature=1.0):
+        if boundaries is not None and num_sections is not None:
+            raise ValueError("give either boundaries (module names) or num_sections, not both")
+        if boundaries is None and num_sections is None:
+            raise ValueError("the section list is empty: give boundaries (module names) or num_sections")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.loss_fn = get_loss(loss)
+        self.loss_name, self.temperature = loss, temperature
+        if num_sections is not None:
+            self.boundaries = balanced_boundaries(student, num_sections, example_input)
+        else:
+            self.boundaries = validate_boundaries(student, boundaries, example_input)
+        teacher_modules = _module_index(teacher)
+        missing = [b for b in self.boundaries if b not in teacher_modules]
+        if missing:
+            raise ValueError(f"the teacher has no module(s) {missing}: teacher and student must share the "
+                             f"architecture")
+        self.student, self.teacher = student, teacher
+        self.section_names = self.boundaries + [OUTPUT]
+        self._handles = []
+        self._teacher_out, self._student_out = {}, {}
+        self._wired = False
+
+    @property
+    def is_split(self):
+        return bool(self._handles)
+
+    def split(self):
+        """Attach the wiring (idempotent). The teacher is frozen, put in eval mode and moved to the
+        student's device."""
+        if self.is_split:
+            return self
+        device = next(self.student.parameters()).device
+        self.teacher.to(device).eval().requires_grad_(False)
+        student_modules, teacher_modules = _module_index(self.student), _module_index(self.teacher)
+        for name in self.boundaries:
+            self._handles.append(teacher_modules[name].register_forward_hook(self._keep_teacher(name)))
+            self._handles.append(student_modules[name].register_forward_hook(self._swap_in_teacher(name)))
+        self._handles.append(self.student.register_forward_pre_hook(self._run_teacher))
+        self._handles.append(self.student.register_forward_hook(self._keep_student_output))
+        return self
+
+    def merge(self):
+        """Remove the wiring: the student is one ordinary network again."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._teacher_out, self._student_out, self._wired = {}, {}, False
+        return self.student
+
+    def _run_teacher(self, module, inputs):
+        self._wired = module.training
+        self._student_out = {}
+        if self._wired:
+            self.teacher.eval()
+            with torch.no_grad():
+                self._teacher_out[OUTPUT] = self.teacher(*inputs)
+
+    def _keep_teacher(self, name):
+        def hook(module, inputs, output):
+            self._teacher_out[name] = output
+        return hook
+
+    def _swap_in_teacher(self, name):
+        def hook(module, inputs, output):
+            if not self._wired:
+                return None
+            self._student_out[name] = output
+            return self._teacher_out[name]
+        return hook
+
+    def _keep_student_output(self, module, inputs, output):
+        if self._wired:
+            self._student_out[OUTPUT] = output
+
+    def section_losses(self):
+        """One loss per section (``OrderedDict`` boundary name -> scalar) for the last training forward."""
+        if set(self._student_out) != set(self.section_names):
+            raise RuntimeError("no wired forward to take section losses from: call split(), put the student in "
+                               "training mode and run it on a batch first")
+        losses = OrderedDict()
+        for name in self.section_names:
+            student, teacher = self._student_out[name], self._teacher_out[name]
+            loss = self.loss_fn(student, teacher, logits=(name == OUTPUT), temperature=self.temperature)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"section '{name}' {self.loss_name} loss is {loss.item()}: check the "
+                                         f"learning rate and the inputs for NaN/inf")
+            losses[name] = loss
+        return losses
