@@ -1,0 +1,47 @@
+"""Finding a real Distiller for the integration tests: skip without one, fail if DCQ_REQUIRE_DISTILLER=1."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import MNIST_DIR
+
+REQUIRED = os.environ.get("DCQ_REQUIRE_DISTILLER") == "1"
+
+
+def unavailable(reason):
+    if REQUIRED:
+        pytest.fail(f"DCQ_REQUIRE_DISTILLER=1, but {reason}", pytrace=False)
+    pytest.skip(f"{reason}; integration tests need a real Distiller (see README, 'Testing against Distiller')",
+                allow_module_level=True)
+
+
+def import_distiller():
+    try:
+        import distiller
+    except ImportError as err:
+        unavailable(f"Distiller is not importable ({err})")
+    return distiller
+
+
+def compress_classifier_script():
+    import distiller
+    root = Path(os.environ.get("DISTILLER_SRC") or Path(distiller.__file__).resolve().parents[1])
+    script = root / "examples" / "classifier_compression" / "compress_classifier.py"
+    if not script.is_file():
+        unavailable(f"compress_classifier.py is not at {script} (set DISTILLER_SRC to Distiller's source directory)")
+    return script
+
+
+def run_compress_classifier(out_dir, *args, train_size="0.02", env=None):
+    """Run Distiller's unmodified compress_classifier.py on a slice of MNIST; return (returncode, log)."""
+    if not (MNIST_DIR / "MNIST" / "raw").is_dir():
+        unavailable(f"MNIST is missing from {MNIST_DIR}")
+    cmd = [sys.executable, str(compress_classifier_script()), "--arch", "simplenet_mnist", str(MNIST_DIR), "--cpu",
+           "-j", "0", "-b", "64", "--lr", "0.01", "--momentum", "0.9", "--wd", "0", "--vs", "0.1", "--seed", "0",
+           "--effective-train-size", train_size, "--effective-valid-size", "0.05", "--effective-test-size", "0.02",
+           "--out-dir", str(out_dir), "--print-freq", "5", *map(str, args)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    return done.returncode, done.stdout + done.stderr

@@ -1,0 +1,232 @@
+"""Against a real Distiller: YAML -> file_config -> scheduler -> compress_classifier's training loop."""
+import copy
+import os
+import pickle
+import subprocess
+import sys
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from conftest import LENET_TEACHER, ROOT
+from distiller_env import import_distiller, run_compress_classifier
+
+distiller = import_distiller()
+from distiller.models import create_model  # noqa: E402
+
+from distiller_dcq.adapter import DCQQuantizer, SectionalKDPolicy  # noqa: E402
+from distiller_dcq.adapter.checkpoints import load_distiller_checkpoint  # noqa: E402
+
+SCHEDULES = ROOT / "schedules"
+
+
+def lenet():
+    return create_model(False, "mnist", "simplenet_mnist", parallel=False, device_ids=-1)
+
+
+def in_fresh_python(code, **env):
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+    return done.returncode, done.stdout + done.stderr
+
+
+# --- registration and compat -----------------------------------------------------------------------
+
+def test_yaml_classes_are_registered_with_distiller_config():
+    import distiller.config
+    assert distiller.config.DCQQuantizer is DCQQuantizer
+    assert distiller.config.SectionalKDPolicy is SectionalKDPolicy
+
+
+def test_installing_the_package_is_enough_for_a_fresh_interpreter():
+    code = "import distiller.config as c; print(c.SectionalKDPolicy.__module__, c.DCQQuantizer.__module__)"
+    rc, out = in_fresh_python(code)
+    assert rc == 0 and "distiller_dcq.adapter.policy distiller_dcq.adapter.quantizer" in out, out
+    rc, out = in_fresh_python("import distiller.config as c; print(hasattr(c, 'SectionalKDPolicy'))",
+                              DISTILLER_DCQ_NO_AUTOLOAD="1")
+    assert rc == 0 and "False" in out, out
+
+
+PANDAS_SUMMARY = ("import distiller, torch; m = torch.nn.Sequential(torch.nn.Linear(3, 2)); "
+                  "print(distiller.weights_sparsity_tbl_summary(m)); print('summary ok')")
+
+
+def test_pandas_precision_patch_is_what_makes_the_epoch_summary_work():
+    rc, out = in_fresh_python(PANDAS_SUMMARY, DISTILLER_DCQ_NO_AUTOLOAD="1")
+    assert rc != 0 and "precision" in out  # pandas 3 refuses Distiller's set_option('precision', ...)
+    rc, out = in_fresh_python(PANDAS_SUMMARY)
+    assert rc == 0 and "summary ok" in out, out
+
+
+def test_patches_are_idempotent():
+    from distiller_dcq.adapter import register
+    import distiller.apputils.checkpoint as ckpt
+    import distiller.model_summaries as ms
+    before = (ckpt.load_checkpoint, ms.pd)
+    register(distiller)
+    register(distiller)
+    assert (ckpt.load_checkpoint, ms.pd) == before
+
+
+def save_trained_checkpoint(tmp_path, quantized):
+    from distiller import apputils
+    model = lenet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if quantized:
+        DCQQuantizer(model, optimizer, weight_mode="ternary").prepare_model()
+    apputils.save_checkpoint(3, "simplenet_mnist", model, optimizer=optimizer, extras={"top1": 97.5},
+                             dir=str(tmp_path))
+    return tmp_path / "checkpoint.pth.tar", model
+
+
+CHECKPOINT_LOAD = ("import distiller, distiller.apputils as a; from distiller.models import create_model; "
+                   "m = create_model(False, 'mnist', 'simplenet_mnist', parallel=False, device_ids=-1); "
+                   "m, s, o, e = a.load_checkpoint(m, {path!r}); print('loaded', type(o).__name__, e)")
+
+
+def test_checkpoint_patch_is_what_makes_distiller_checkpoints_load(tmp_path):
+    path, _ = save_trained_checkpoint(tmp_path, quantized=False)
+    rc, out = in_fresh_python(CHECKPOINT_LOAD.format(path=str(path)), DISTILLER_DCQ_NO_AUTOLOAD="1")
+    assert rc != 0 and "Unsupported global" in out  # torch >= 2.6 refuses optimizer_type
+    rc, out = in_fresh_python(CHECKPOINT_LOAD.format(path=str(path)))
+    assert rc == 0 and "loaded SGD 4" in out, out
+
+
+def test_a_quantized_checkpoint_loads_with_weights_only(tmp_path):
+    path, model = save_trained_checkpoint(tmp_path, quantized=True)
+    checkpoint = load_distiller_checkpoint(str(path))
+    assert checkpoint["quantizer_metadata"]["type"] is DCQQuantizer
+    assert checkpoint["quantizer_metadata"]["params"]["weight_mode"] == "ternary"
+    assert torch.equal(checkpoint["state_dict"]["conv1.float_weight"], model.conv1.float_weight)
+
+
+def test_a_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    path = tmp_path / "evil.pth.tar"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": {}, "arch": "simplenet_mnist", "x": Exploit()}, f)
+    with pytest.raises(ValueError, match="cannot be loaded safely"):
+        load_distiller_checkpoint(str(path))
+    rc, out = in_fresh_python(CHECKPOINT_LOAD.format(path=str(path)))
+    assert rc != 0 and not marker.exists()
+
+
+# --- the quantizer ---------------------------------------------------------------------------------
+
+def prepared(quantizer_cls, **kwargs):
+    torch.manual_seed(0)
+    model = lenet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    quantizer = quantizer_cls(model, optimizer, **kwargs)
+    quantizer.prepare_model()
+    quantizer.quantize_params()
+    return model
+
+
+def test_binary_scaled_mode_equals_distillers_one_bit_dorefa():
+    ours = prepared(DCQQuantizer, weight_mode="binary", scale="layer")
+    theirs = prepared(distiller.quantization.DorefaQuantizer, bits_weights=1)
+    for layer in ("conv1", "conv2", "fc1", "fc2"):  # first and last layers included
+        assert torch.allclose(getattr(ours, layer).weight, getattr(theirs, layer).weight)
+
+
+def test_two_bit_dorefa_mode_equals_distillers():
+    ours = prepared(DCQQuantizer, weight_mode="dorefa", bits_weights=2, scale="none")
+    theirs = prepared(distiller.quantization.DorefaQuantizer, bits_weights=2)
+    assert torch.allclose(ours.fc1.weight, theirs.fc1.weight)
+
+
+def test_ternary_unscaled_weights_are_minus_one_zero_one_and_overrides_are_honoured():
+    overrides = OrderedDict([("fc2", OrderedDict([("bits_weights", None)]))])
+    model = prepared(DCQQuantizer, weight_mode="ternary", scale="none", overrides=overrides)
+    for layer in ("conv1", "conv2", "fc1"):
+        assert set(getattr(model, layer).weight.unique().tolist()) == {-1.0, 0.0, 1.0}
+    assert not hasattr(model.fc2, "float_weight") and model.fc2.weight.unique().numel() > 3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(weight_mode="quaternary"), r"unknown weight mode 'quaternary'; choose one of: binary, dorefa, ternary"),
+    (dict(weight_mode="binary", bits_weights=4), r"weight_mode binary has 1 bit\(s\), but bits_weights is 4"),
+    (dict(weight_mode="dorefa"), r"weight_mode dorefa needs bits_weights"),
+])
+def test_bad_quantizer_yaml_values_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DCQQuantizer(lenet(), torch.optim.SGD(lenet().parameters(), lr=0.1), **kwargs)
+
+
+# --- the policy through distiller.file_config ------------------------------------------------------
+
+def write_schedule(tmp_path, policy_args):
+    text = (SCHEDULES / "simplenet_mnist_dcq_binary.yaml").read_text()
+    text = text.replace("    boundaries: [pool1, pool2, relu3]\n    loss: poisson\n", policy_args)
+    path = tmp_path / "schedule.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("policy_args, error, message", [
+    ("    boundaries: [pool1, pool7]\n", ValueError, r"unknown boundary module\(s\) \['pool7'\].*valid names: conv1"),
+    ("    boundaries: [relu3, pool1]\n", ValueError, r"boundaries must be listed in forward order"),
+    ("    boundaries: []\n", ValueError, r"the section list is empty"),
+    ("    boundaries: [pool1]\n    loss: poison\n", ValueError, r"unknown section loss 'poison'; choose one of"),
+    ("    boundaries: [pool1]\n    teacher: /nonexistent/teacher.pth.tar\n", FileNotFoundError,
+     r"checkpoint '/nonexistent/teacher.pth.tar' does not exist"),
+])
+def test_bad_dcq_yaml_is_a_clear_error_at_file_config(tmp_path, policy_args, error, message):
+    model = lenet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(error, match=message):
+        distiller.file_config(model, optimizer, str(write_schedule(tmp_path, policy_args)))
+
+
+def test_a_teacher_of_another_architecture_is_refused(tmp_path):
+    from distiller import apputils
+    other = create_model(False, "mnist", "simplenet_v2_mnist", parallel=False, device_ids=-1)
+    apputils.save_checkpoint(0, "simplenet_v2_mnist", other, dir=str(tmp_path))
+    schedule = write_schedule(tmp_path, f"    boundaries: [pool1]\n    teacher: {tmp_path / 'checkpoint.pth.tar'}\n")
+    with pytest.raises(ValueError, match=r"is for arch 'simplenet_v2_mnist', but the model is 'simplenet_mnist'"):
+        distiller.file_config(lenet(), torch.optim.SGD(lenet().parameters(), lr=0.1), str(schedule))
+
+
+def test_file_config_builds_a_quantized_model_with_an_fp_teacher(tmp_path):
+    model = lenet()
+    fp_fc1 = model.fc1.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = distiller.file_config(model, optimizer, str(SCHEDULES / "simplenet_mnist_dcq_binary.yaml"))
+    policy = next(p for p in scheduler.policies[0] if isinstance(p, SectionalKDPolicy))
+    assert [p for p in scheduler.policies[1] if isinstance(p, SectionalKDPolicy)] == []  # window is epoch 0
+    assert hasattr(model.fc1, "float_weight") and model.fc1.weight.unique().numel() == 2
+    assert torch.equal(policy.wiring.teacher.fc1.weight, fp_fc1)  # the FP model as the schedule was built
+    assert policy.wiring.section_names == ["pool1", "pool2", "relu3", "output"]
+
+
+# --- compress_classifier.py, unmodified ------------------------------------------------------------
+
+def test_dcq_binary_through_compress_classifier_logs_sections_and_the_stitched_accuracy(tmp_path):
+    rc, log = run_compress_classifier(tmp_path, "--epochs", "2", "--compress",
+                                      SCHEDULES / "simplenet_mnist_dcq_binary.yaml",
+                                      "--exp-load-weights-from", LENET_TEACHER)
+    assert rc == 0, log[-3000:]
+    training = [line for line in log.splitlines() if "Overall Loss" in line]
+    epoch0 = [line for line in training if line.startswith("Epoch: [0]")]
+    assert epoch0
+    for section in ("pool1", "pool2", "relu3", "output"):
+        assert all(f"DCQ {section} poisson" in line for line in epoch0)
+    assert "DCQ dcq: merged the 4 sections into one network; stitched network validation Top1:" in log
+    assert "DCQ" not in "".join(line for line in training if line.startswith("Epoch: [1]"))
+    assert "--- test ---" in log
+
+
+@pytest.mark.parametrize("schedule", ["simplenet_mnist_dorefa_binary.yaml", "simplenet_mnist_dorefa_ternary.yaml",
+                                      "simplenet_mnist_dcq_ternary.yaml"])
+def test_every_lenet_schedule_runs_through_compress_classifier(tmp_path, schedule):
+    rc, log = run_compress_classifier(tmp_path, "--epochs", "1", "--compress", SCHEDULES / schedule,
+                                      "--exp-load-weights-from", LENET_TEACHER, train_size="0.01")
+    assert rc == 0, log[-3000:]
+    assert "==> Top1" in log.split("--- test ---")[1]

@@ -1,0 +1,167 @@
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from distiller_dcq.engine import BinaryWeights, SectionWiring, balanced_boundaries, quantize_weights_
+from conftest import LeNet
+
+X = torch.zeros(2, 1, 28, 28)
+
+
+def make_pair():
+    torch.manual_seed(0)
+    teacher = LeNet()
+    student = copy.deepcopy(teacher)
+    quantize_weights_(student, BinaryWeights(scale="layer"))
+    return student, teacher
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("boundaries, message", [
+    (["pool1", "pool9"], r"unknown boundary module\(s\) \['pool9'\] in LeNet; valid names: conv1, relu1, pool1, "
+                         r"conv2, relu2, pool2, fc1, relu3, fc2"),
+    (["relu3", "pool1"], r"forward order: got \['relu3', 'pool1'\], the forward pass reaches them as "
+                         r"\['pool1', 'relu3'\]"),
+    (["pool1", "pool1"], r"\['pool1'\] listed more than once"),
+    ([], r"the section list is empty"),
+    (["fc2"], r"\['fc2'\] produce the model output.*remove them"),
+    ("pool1", r"must be a list of module names.*write \[pool1\]"),
+])
+def test_bad_boundaries_are_named_with_the_fix(boundaries, message):
+    student, teacher = make_pair()
+    with pytest.raises(ValueError, match=message):
+        SectionWiring(student, teacher, boundaries, example_input=X)
+
+
+def test_a_module_that_runs_twice_cannot_be_a_boundary():
+    class SharedReLU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.relu, self.b = nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(self.relu(self.a(self.relu(x))))
+
+    model = SharedReLU()
+    with pytest.raises(ValueError, match=r"\['relu'\] run more than once per forward pass"):
+        SectionWiring(model, copy.deepcopy(model), ["relu"], example_input=torch.zeros(1, 4))
+
+
+def test_teacher_of_another_architecture_is_refused():
+    student, _ = make_pair()
+    other = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    with pytest.raises(ValueError, match=r"teacher has no module\(s\) \['pool1'\].*share the architecture"):
+        SectionWiring(student, other, ["pool1"], example_input=X)
+
+
+def test_boundaries_and_num_sections_are_exclusive_and_temperature_positive():
+    student, teacher = make_pair()
+    with pytest.raises(ValueError, match="either boundaries .* or num_sections"):
+        SectionWiring(student, teacher, ["pool1"], num_sections=2, example_input=X)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        SectionWiring(student, teacher, ["pool1"], example_input=X, temperature=0)
+
+
+# --- automatic cuts --------------------------------------------------------------------------------
+
+def test_num_sections_balances_macs_and_cuts_after_activations():
+    # LeNet MACs: conv1 288k, conv2 1.6M, fc1 400k, fc2 5k. Two sections: cutting after pool2 gives
+    # 1.89M | 405k, the smallest possible maximum; cuts only fall before a conv/linear layer.
+    model = LeNet()
+    assert balanced_boundaries(model, 1, X) == []
+    assert balanced_boundaries(model, 2, X) == ["pool2"]
+    assert balanced_boundaries(model, 4, X) == ["pool1", "pool2", "relu3"]
+    with pytest.raises(ValueError, match=r"at most 4 \(pool1, pool2, relu3 can end a section\)"):
+        balanced_boundaries(model, 5, X)
+
+
+# --- the wiring ------------------------------------------------------------------------------------
+
+def test_each_section_gets_the_teachers_activation_as_input_and_one_teacher_forward_per_batch():
+    student, teacher = make_pair()
+    wiring = SectionWiring(student, teacher, ["pool1", "relu3"], example_input=X).split()
+    seen, teacher_calls = {}, []
+    student.conv2.register_forward_pre_hook(lambda m, i: seen.__setitem__("conv2_in", i[0]))
+    student.fc2.register_forward_pre_hook(lambda m, i: seen.__setitem__("fc2_in", i[0]))
+    teacher.register_forward_hook(lambda *a: teacher_calls.append(1))
+    x = torch.randn(8, 1, 28, 28)
+    student.train()(x)
+    with torch.no_grad():
+        t_pool1 = teacher.pool1(teacher.relu1(teacher.conv1(x)))
+        t_relu3 = teacher.relu3(teacher.fc1(teacher.pool2(teacher.relu2(teacher.conv2(t_pool1))).flatten(1)))
+    assert torch.equal(seen["conv2_in"], t_pool1) and torch.equal(seen["fc2_in"], t_relu3)
+    assert len(teacher_calls) == 1
+    assert list(wiring.section_losses()) == ["pool1", "relu3", "output"]
+
+
+def test_gradients_never_cross_a_section_border():
+    student, teacher = make_pair()
+    wiring = SectionWiring(student, teacher, ["pool1", "relu3"], example_input=X).split()
+    student.train()(torch.randn(8, 1, 28, 28))
+    middle = wiring.section_losses()["relu3"]  # section 2: conv2, fc1
+    middle.backward()
+    grads = {n: getattr(student, n).parametrizations.weight.original.grad for n in ("conv1", "conv2", "fc1", "fc2")}
+    assert grads["conv1"] is None and grads["fc2"] is None
+    assert grads["conv2"].abs().sum() > 0 and grads["fc1"].abs().sum() > 0
+
+
+def test_eval_forwards_and_merge_give_the_stitched_network():
+    student, teacher = make_pair()
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        plain = student.eval()(x)
+    wiring = SectionWiring(student, teacher, ["pool1", "pool2"], example_input=X).split()
+    with torch.no_grad():
+        assert torch.equal(student.eval()(x), plain)  # validation sees the stitched network
+        wired = student.train()(x)
+    assert not torch.equal(wired, plain)
+    wiring.merge()
+    assert not student._forward_hooks and not student._forward_pre_hooks and not student.pool1._forward_hooks
+    with torch.no_grad():
+        assert torch.equal(student.train()(x), plain)
+
+
+def test_section_losses_before_any_forward_is_a_clear_error():
+    student, teacher = make_pair()
+    wiring = SectionWiring(student, teacher, ["pool1"], example_input=X).split()
+    with pytest.raises(RuntimeError, match="no wired forward"):
+        wiring.section_losses()
+
+
+def test_nan_in_activations_stops_training_with_a_message():
+    student, teacher = make_pair()
+    wiring = SectionWiring(student, teacher, ["pool1"], example_input=X, loss="mse").split()
+    student.train()(torch.full((2, 1, 28, 28), float("nan")))
+    with pytest.raises(FloatingPointError, match="section 'pool1' mse loss is nan"):
+        wiring.section_losses()
+
+
+# --- it learns -------------------------------------------------------------------------------------
+
+def test_parallel_dcq_on_real_mnist_fits_every_section_and_the_stitched_net_classifies(mnist_test_set,
+                                                                                        lenet_teacher):
+    images, labels = mnist_test_set
+    train_x, test_x, test_y = images[:2048], images[8000:], labels[8000:]
+    torch.manual_seed(0)
+    student = copy.deepcopy(lenet_teacher)
+    quantize_weights_(student, BinaryWeights(scale="layer"))
+    wiring = SectionWiring(student, lenet_teacher, ["pool1", "pool2", "relu3"], example_input=X).split()
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
+    history = []
+    for epoch in range(2):
+        for batch in train_x.split(64):
+            student.train()(batch)
+            losses = wiring.section_losses()
+            optimizer.zero_grad()
+            sum(losses.values()).backward()
+            optimizer.step()
+            history.append({k: v.item() for k, v in losses.items()})
+    wiring.merge()
+    for name in ("pool1", "pool2", "relu3"):
+        assert sum(h[name] for h in history[-8:]) < sum(h[name] for h in history[:8])
+    with torch.no_grad():
+        accuracy = (student.eval()(test_x).argmax(1) == test_y).float().mean().item()
+    assert accuracy > 0.85
