@@ -175,6 +175,11 @@ def write_schedule(tmp_path, policy_args):
     ("    boundaries: [relu3, pool1]\n", ValueError, r"boundaries must be listed in forward order"),
     ("    boundaries: []\n", ValueError, r"the section list is empty"),
     ("    boundaries: [pool1]\n    loss: poison\n", ValueError, r"unknown section loss 'poison'; choose one of"),
+    ("    boundaries: [pool1]\n    mode: sideways\n", ValueError, r"unknown DCQ mode 'sideways'; choose one of: "
+                                                           r"parallel, sequential"),
+    ("    boundaries: [pool1]\n    section_epochs: [1, 1]\n", ValueError, r"section_epochs applies to mode: sequential"),
+    ("    boundaries: [pool1]\n    mode: sequential\n    section_epochs: [1]\n", ValueError,
+     r"section_epochs must list one positive number of epochs per section \(2: pool1, output\)"),
     ("    boundaries: [pool1]\n    teacher: /nonexistent/teacher.pth.tar\n", FileNotFoundError,
      r"checkpoint '/nonexistent/teacher.pth.tar' does not exist"),
 ])
@@ -230,3 +235,25 @@ def test_every_lenet_schedule_runs_through_compress_classifier(tmp_path, schedul
                                       "--exp-load-weights-from", LENET_TEACHER, train_size="0.01")
     assert rc == 0, log[-3000:]
     assert "==> Top1" in log.split("--- test ---")[1]
+
+
+def test_sequential_mode_trains_one_section_per_epoch_through_compress_classifier(tmp_path):
+    schedule = write_schedule(tmp_path, "    boundaries: [pool2]\n    mode: sequential\n")
+    schedule.write_text(schedule.read_text().replace("instance_name: dcq\n    starting_epoch: 0\n    ending_epoch: 1",
+                                                     "instance_name: dcq\n    starting_epoch: 0\n    ending_epoch: 2"))
+    rc, log = run_compress_classifier(tmp_path, "--epochs", "3", "--compress", schedule,
+                                      "--exp-load-weights-from", LENET_TEACHER, train_size="0.01")
+    assert rc == 0, log[-3000:]
+    assert "DCQ dcq: epoch 0 trains section 'pool2' only" in log
+    assert "DCQ dcq: epoch 1 trains section 'output' only" in log
+    training = [line for line in log.splitlines() if "Overall Loss" in line]
+    assert all("DCQ pool2 poisson" in line and "DCQ output" not in line for line in training if "[0]" in line)
+    assert all("DCQ output poisson" in line and "DCQ pool2" not in line for line in training if "[1]" in line)
+    assert "merged the 2 sections" in log
+
+
+def test_sequential_windows_that_do_not_add_up_stop_the_run_before_training(tmp_path):
+    schedule = write_schedule(tmp_path, "    boundaries: [pool2]\n    mode: sequential\n    section_epochs: [2, 1]\n")
+    rc, log = run_compress_classifier(tmp_path, "--epochs", "1", "--compress", schedule, train_size="0.01")
+    assert rc != 0 and "section_epochs [2, 1] add up to 3 epochs, but its window has 1" in log
+    assert "Overall Loss" not in log

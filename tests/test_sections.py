@@ -165,3 +165,52 @@ def test_parallel_dcq_on_real_mnist_fits_every_section_and_the_stitched_net_clas
     with torch.no_grad():
         accuracy = (student.eval()(test_x).argmax(1) == test_y).float().mean().item()
     assert accuracy > 0.85
+
+
+# --- sequential mode: student inputs, one section at a time -----------------------------------------
+
+def test_student_inputs_hand_each_section_the_students_own_detached_activation():
+    student, teacher = make_pair()
+    SectionWiring(student, teacher, ["pool1"], example_input=X, section_inputs="student").split()
+    seen = {}
+    student.pool1.register_forward_hook(lambda m, i, o: seen.__setitem__("pool1_out", o))
+    student.conv2.register_forward_pre_hook(lambda m, i: seen.__setitem__("conv2_in", i[0]))
+    student.train()(torch.randn(4, 1, 28, 28))
+    assert torch.equal(seen["conv2_in"], seen["pool1_out"]) and not seen["conv2_in"].requires_grad
+
+
+def test_frozen_sections_get_no_update_at_all_momentum_and_weight_decay_included():
+    student, teacher = make_pair()
+    wiring = SectionWiring(student, teacher, ["pool1", "relu3"], example_input=X, section_inputs="student").split()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+
+    def step():
+        student.train()(torch.randn(8, 1, 28, 28))
+        losses = wiring.section_losses()
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+        return losses
+
+    step()  # every section trained once: every parameter now has a momentum buffer
+    wiring.train_sections(["relu3"])
+    frozen = {n: p.detach().clone() for n, p in student.named_parameters() if not n.startswith(("conv2", "fc1"))}
+    trained = {n: p.detach().clone() for n, p in student.named_parameters() if n.startswith(("conv2", "fc1"))}
+    assert list(step()) == ["relu3"]
+    step()
+    for n, p in student.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+        else:
+            assert not torch.equal(p, trained[n]), n
+    wiring.merge()
+    assert all(p.requires_grad for p in student.parameters())
+
+
+def test_unknown_section_or_section_inputs_is_named():
+    student, teacher = make_pair()
+    wiring = SectionWiring(student, teacher, ["pool1"], example_input=X)
+    with pytest.raises(ValueError, match=r"unknown section\(s\) \['pool2'\]; the sections are \['pool1', 'output'\]"):
+        wiring.train_sections(["pool2"])
+    with pytest.raises(ValueError, match=r"unknown section_inputs 'prefix'; choose one of: teacher, student"):
+        SectionWiring(student, teacher, ["pool1"], example_input=X, section_inputs="prefix")

@@ -1,5 +1,6 @@
 """``SectionalKDPolicy``: DCQ's train-section stage as a Distiller policy."""
 import copy
+import itertools
 import logging
 
 import torch
@@ -9,6 +10,7 @@ from ..engine.sections import SectionWiring
 from .checkpoints import load_distiller_checkpoint
 
 msglogger = logging.getLogger()
+MODES = {"parallel": "teacher", "sequential": "student"}  # mode -> where a section's input comes from
 
 
 class SectionalKDPolicy(ScheduledTrainingPolicy):
@@ -21,6 +23,11 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
     Args (YAML keys):
         boundaries: module names whose outputs end sections, in forward order.
         num_sections: instead of boundaries, cut into N sections balanced by cost.
+        mode: ``parallel`` (the paper's: every section learns at once from the teacher's inputs) or
+            ``sequential`` (one section at a time, from the already-trained quantized sections before
+            it, which stay frozen; ``section_epochs`` gives each section's share of the window).
+        section_epochs: sequential mode only: epochs per section, in order (default: 1 each); they
+            must add up to the policy's window.
         loss: poisson (default), kl, mse, l1, cosine.
         temperature: softens the probabilities of the last section (and kl's distributions).
         label_weight: adds label_weight * cross-entropy(last section, labels) to the loss (default 0).
@@ -28,19 +35,30 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
             when the schedule was built (load it with --exp-load-weights-from).
     """
 
-    def __init__(self, model, name="dcq", boundaries=None, num_sections=None, loss="poisson", temperature=1.0,
-                 label_weight=0.0, teacher=None):
+    def __init__(self, model, name="dcq", boundaries=None, num_sections=None, mode="parallel", section_epochs=None,
+                 loss="poisson", temperature=1.0, label_weight=0.0, teacher=None):
         super().__init__()
-        self.name = name
+        if mode not in MODES:
+            raise ValueError(f"unknown DCQ mode {mode!r}; choose one of: {', '.join(MODES)}")
+        if section_epochs is not None and mode != "sequential":
+            raise ValueError("section_epochs applies to mode: sequential only: remove it, or set mode: sequential")
+        self.name, self.mode = name, mode
         self.label_weight = float(label_weight)
         teacher_model = copy.deepcopy(model)
         if teacher is not None:
             _load_teacher_weights(teacher_model, teacher, model)
         example_input = torch.zeros(_input_shape(model), device=next(model.parameters()).device)
         self.wiring = SectionWiring(model, teacher_model, boundaries, num_sections=num_sections,
-                                    example_input=example_input, loss=loss, temperature=temperature)
-        msglogger.info("DCQ %s: %d sections ending at %s; loss %s; teacher %s", name, len(self.wiring.section_names),
-                       ", ".join(self.wiring.section_names), loss, teacher or "the model as loaded")
+                                    example_input=example_input, loss=loss, temperature=temperature,
+                                    section_inputs=MODES[mode])
+        sections = self.wiring.section_names
+        self.section_epochs = list(section_epochs or [1] * len(sections)) if mode == "sequential" else None
+        if self.section_epochs is not None and (len(self.section_epochs) != len(sections) or
+                                                 not all(isinstance(e, int) and e > 0 for e in self.section_epochs)):
+            raise ValueError(f"section_epochs must list one positive number of epochs per section ({len(sections)}: "
+                             f"{', '.join(sections)}), got {section_epochs}")
+        msglogger.info("DCQ %s: %s mode, %d sections ending at %s; loss %s; teacher %s", name, mode, len(sections),
+                       ", ".join(sections), loss, teacher or "the model as loaded")
 
     def on_epoch_begin(self, model, zeros_mask_dict, meta, **kwargs):
         if meta.get("frequency") not in (None, 1):
@@ -50,6 +68,21 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
             self.wiring.split()
             msglogger.info("DCQ %s: split into %d sections for epochs %d-%d", self.name,
                            len(self.wiring.section_names), meta["starting_epoch"], meta["ending_epoch"] - 1)
+        if self.section_epochs is not None:
+            section = self._sequential_section(meta)
+            self.wiring.train_sections([section])
+            msglogger.info("DCQ %s: epoch %d trains section '%s' only; the others are frozen", self.name,
+                           meta["current_epoch"], section)
+
+    def _sequential_section(self, meta):
+        window = meta["ending_epoch"] - meta["starting_epoch"]
+        if sum(self.section_epochs) != window:
+            raise ValueError(f"DCQ policy {self.name!r}: section_epochs {self.section_epochs} add up to "
+                             f"{sum(self.section_epochs)} epochs, but its window has {window} (epochs "
+                             f"{meta['starting_epoch']}-{meta['ending_epoch'] - 1}): make them equal")
+        ends = itertools.accumulate(self.section_epochs)
+        offset = meta["current_epoch"] - meta["starting_epoch"]
+        return next(name for name, end in zip(self.wiring.section_names, ends) if offset < end)
 
     def before_backward_pass(self, model, epoch, minibatch_id, minibatches_per_epoch, loss, zeros_mask_dict,
                              optimizer=None):

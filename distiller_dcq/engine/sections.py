@@ -1,15 +1,18 @@
-"""Cutting a network into sections and training each one against the teacher (DCQ, parallel mode).
+"""Cutting a network into sections and training each one against the teacher (DCQ).
 
 A section ends at the output of a named module (a *boundary*); the last one ends at the model's
 output. While the wiring is split, every training-mode forward of the student
 
 1. runs the frozen teacher once on the batch, keeping its activation at every boundary;
 2. runs the student, and at each boundary keeps the student's activation (the end of section i)
-   and hands the teacher's activation on instead, so section i+1 learns from the teacher's input.
+   and hands on to section i+1 either the teacher's activation (``section_inputs="teacher"``, the
+   paper's parallel mode) or the student's own, detached (``"student"``: the quantized prefix).
 
-Gradients therefore never cross a section border, and all sections learn in the same step.
+Gradients therefore never cross a section border. All sections learn in the same step, unless
+``train_sections`` names some: the others are then frozen (no gradient, so no optimizer update at
+all) - section by section, with student inputs, that is the sequential mode.
 Eval-mode forwards are left alone: validating the student always measures the stitched network.
-``merge()`` removes the hooks and leaves one ordinary network.
+``merge()`` removes the hooks, unfreezes, and leaves one ordinary network.
 """
 import itertools
 from collections import Counter, OrderedDict
@@ -21,6 +24,7 @@ import torch.nn as nn
 from .losses import get_loss
 
 OUTPUT = "output"  # name of the last section's end: the model output
+SECTION_INPUTS = ("teacher", "student")
 
 
 def _strip_parallel_prefix(name):
@@ -154,22 +158,27 @@ class SectionWiring:
         teacher: the full-precision network; frozen and kept in eval mode.
         boundaries: module names whose outputs end sections, in forward order.
         num_sections: instead of ``boundaries``, cut into this many sections, balanced by cost.
-        example_input: one batch-shaped tensor, used once to check the boundaries (and to cost them).
+        example_input: one batch-shaped tensor, used to check the boundaries (and to cost them).
         loss: a name from ``distiller_dcq.engine.losses.LOSSES``.
         temperature: softens probabilities/distributions in the losses that use them.
+        section_inputs: what section i+1 receives: the ``"teacher"``'s activation at boundary i
+            (parallel mode, the paper's) or the ``"student"``'s own, detached.
 
     Use: ``split()``; then every training forward ``student(x)`` followed by ``section_losses()``
-    gives one loss per section; ``merge()`` at the end.
+    gives one loss per trained section; ``merge()`` at the end.
     """
 
     def __init__(self, student, teacher, boundaries=None, *, num_sections=None, example_input,
-                 loss="poisson", temperature=1.0):
+                 loss="poisson", temperature=1.0, section_inputs="teacher"):
         if boundaries is not None and num_sections is not None:
             raise ValueError("give either boundaries (module names) or num_sections, not both")
         if boundaries is None and num_sections is None:
             raise ValueError("the section list is empty: give boundaries (module names) or num_sections")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if section_inputs not in SECTION_INPUTS:
+            raise ValueError(f"unknown section_inputs {section_inputs!r}; choose one of: {', '.join(SECTION_INPUTS)}")
+        self.section_inputs = section_inputs
         self.loss_fn = get_loss(loss)
         self.loss_name, self.temperature = loss, temperature
         if num_sections is not None:
@@ -181,9 +190,10 @@ class SectionWiring:
         if missing:
             raise ValueError(f"the teacher has no module(s) {missing}: teacher and student must share the "
                              f"architecture")
-        self.student, self.teacher = student, teacher
+        self.student, self.teacher, self.example_input = student, teacher, example_input
         self.section_names = self.boundaries + [OUTPUT]
-        self._handles = []
+        self.trained_sections = list(self.section_names)
+        self._handles, self._frozen = [], []
         self._teacher_out, self._student_out = {}, {}
         self._wired = False
 
@@ -201,18 +211,48 @@ class SectionWiring:
         student_modules, teacher_modules = _module_index(self.student), _module_index(self.teacher)
         for name in self.boundaries:
             self._handles.append(teacher_modules[name].register_forward_hook(self._keep_teacher(name)))
-            self._handles.append(student_modules[name].register_forward_hook(self._swap_in_teacher(name)))
+            self._handles.append(student_modules[name].register_forward_hook(self._end_section(name)))
         self._handles.append(self.student.register_forward_pre_hook(self._run_teacher))
         self._handles.append(self.student.register_forward_hook(self._keep_student_output))
         return self
 
     def merge(self):
-        """Remove the wiring: the student is one ordinary network again."""
+        """Remove the wiring and unfreeze: the student is one ordinary network again."""
         for h in self._handles:
             h.remove()
         self._handles = []
         self._teacher_out, self._student_out, self._wired = {}, {}, False
+        self.train_sections(None)
         return self.student
+
+    def section_parameters(self):
+        """Section name -> the student's parameters in that section (modules in forward order)."""
+        trace = trace_forward(self.student, self.example_input)
+        ends = [trace.order.index(b) for b in self.boundaries]
+        params = OrderedDict((name, []) for name in self.section_names)
+        for name, module in _module_index(self.student).items():
+            if name in trace.order:
+                section = self.section_names[sum(end < trace.order.index(name) for end in ends)]
+                params[section] += [p for p in module.parameters(recurse=False)]
+        return params
+
+    def train_sections(self, names):
+        """Train only the sections named (``None``: all); freeze the parameters of the others."""
+        names = list(self.section_names) if names is None else list(names)
+        unknown = [n for n in names if n not in self.section_names]
+        if unknown:
+            raise ValueError(f"unknown section(s) {unknown}; the sections are {self.section_names}")
+        for p in self._frozen:
+            p.requires_grad_(True)
+        self._frozen = []
+        if names != self.section_names:
+            for section, params in self.section_parameters().items():
+                if section not in names:
+                    self._frozen += [p for p in params if p.requires_grad]
+            for p in self._frozen:
+                p.requires_grad_(False)
+        self.trained_sections = names
+        return self
 
     def _run_teacher(self, module, inputs):
         self._wired = module.training
@@ -227,12 +267,12 @@ class SectionWiring:
             self._teacher_out[name] = output
         return hook
 
-    def _swap_in_teacher(self, name):
+    def _end_section(self, name):
         def hook(module, inputs, output):
             if not self._wired:
                 return None
             self._student_out[name] = output
-            return self._teacher_out[name]
+            return self._teacher_out[name] if self.section_inputs == "teacher" else output.detach()
         return hook
 
     def _keep_student_output(self, module, inputs, output):
@@ -240,12 +280,12 @@ class SectionWiring:
             self._student_out[OUTPUT] = output
 
     def section_losses(self):
-        """One loss per section (``OrderedDict`` boundary name -> scalar) for the last training forward."""
+        """One loss per trained section (``OrderedDict`` section name -> scalar) for the last training forward."""
         if set(self._student_out) != set(self.section_names):
             raise RuntimeError("no wired forward to take section losses from: call split(), put the student in "
                                "training mode and run it on a batch first")
         losses = OrderedDict()
-        for name in self.section_names:
+        for name in self.trained_sections:
             student, teacher = self._student_out[name], self._teacher_out[name]
             loss = self.loss_fn(student, teacher, logits=(name == OUTPUT), temperature=self.temperature)
             if not torch.isfinite(loss):
