@@ -164,7 +164,7 @@ def test_bad_quantizer_yaml_values_are_named(kwargs, message):
 
 def write_schedule(tmp_path, policy_args):
     text = (SCHEDULES / "simplenet_mnist_dcq_binary.yaml").read_text()
-    text = text.replace("    boundaries: [pool1, pool2, relu3]\n    loss: poisson\n", policy_args)
+    text = text.replace("    boundaries: [pool1, pool2, relu3]\n    loss: mse\n", policy_args)
     path = tmp_path / "schedule.yaml"
     path.write_text(text)
     return path
@@ -222,7 +222,7 @@ def test_dcq_binary_through_compress_classifier_logs_sections_and_the_stitched_a
     epoch0 = [line for line in training if line.startswith("Epoch: [0]")]
     assert epoch0
     for section in ("pool1", "pool2", "relu3", "output"):
-        assert all(f"DCQ {section} poisson" in line for line in epoch0)
+        assert all(f"DCQ {section} mse" in line for line in epoch0)
     assert "DCQ dcq: merged the 4 sections into one network; stitched network validation Top1:" in log
     assert "DCQ" not in "".join(line for line in training if line.startswith("Epoch: [1]"))
     assert "--- test ---" in log
