@@ -2,10 +2,12 @@
 
 Every run uses the same FP teacher, data, optimizer, batch size, learning-rate schedule and number
 of epochs; only the schedule YAML (and, for the from-scratch baselines, not loading the teacher)
-differs. Runs go one after another in this one process, so their epoch times compare side by side.
-Writes a markdown results file that names the command that made it.
+differs. The four headline runs (DoReFa and DCQ, binary and ternary) repeat for every seed; the
+variants run with the first seed. Runs go one after another in this one process, a DoReFa run next
+to its DCQ run, so their epoch times compare side by side. Writes a markdown results file that
+names the command that made it.
 
-    python benchmarks/lenet_mnist.py --distiller-src /path/to/distiller [--epochs 6] [--only NAME ...]
+    python benchmarks/lenet_mnist.py --distiller-src /path/to/distiller [--epochs 6] [--seeds 0 1 2]
 """
 import argparse
 import datetime
@@ -31,13 +33,14 @@ class Run:
     from_fp: bool = True
     note: str = ""
     lr: float = 0.01
+    headline: bool = False
 
 
 RUNS = [
-    Run("dorefa_binary", "simplenet_mnist_dorefa_binary.yaml", note="Distiller's DorefaQuantizer, 1 bit"),
-    Run("dcq_binary", "simplenet_mnist_dcq_binary.yaml", note="parallel, 4 sections, MSE, 1 epoch; CE fine-tuning"),
-    Run("dorefa_ternary", "simplenet_mnist_dorefa_ternary.yaml", note="DCQQuantizer ternary, no DCQ policy"),
-    Run("dcq_ternary", "simplenet_mnist_dcq_ternary.yaml", note="parallel, 4 sections, MSE, 1 epoch; CE fine-tuning"),
+    Run("dorefa_binary", "simplenet_mnist_dorefa_binary.yaml", headline=True, note="Distiller's DorefaQuantizer, 1 bit"),
+    Run("dcq_binary", "simplenet_mnist_dcq_binary.yaml", headline=True, note="parallel, 4 sections, MSE, 1 epoch; CE fine-tuning"),
+    Run("dorefa_ternary", "simplenet_mnist_dorefa_ternary.yaml", headline=True, note="DCQQuantizer ternary, no DCQ policy"),
+    Run("dcq_ternary", "simplenet_mnist_dcq_ternary.yaml", headline=True, note="parallel, 4 sections, MSE, 1 epoch; CE fine-tuning"),
     Run("dorefa_binary_scratch", "simplenet_mnist_dorefa_binary.yaml", from_fp=False, note="random init"),
     Run("dorefa_ternary_scratch", "simplenet_mnist_dorefa_ternary.yaml", from_fp=False, note="random init"),
     Run("dorefa_binary_lr0.03", "simplenet_mnist_dorefa_binary.yaml", lr=0.03,
@@ -57,11 +60,11 @@ RUNS = [
 PAPER = {"binary": (96.7, 99.3), "ternary": (98.9, 99.8)}  # LeNet/MNIST DoReFa, DCQ (Table 1)
 
 
-def compress_classifier_command(args, run, out_dir):
+def compress_classifier_command(args, run, seed, out_dir):
     cmd = [sys.executable, str(args.distiller_src / "examples" / "classifier_compression" / "compress_classifier.py"),
            "--arch", "simplenet_mnist", str(args.mnist), "--cpu", "-j", "0", "-b", "128", "--lr", str(run.lr),
-           "--momentum", "0.9", "--wd", "0", "--epochs", str(args.epochs), "--vs", "0.1", "--seed", "0",
-           "--compress", str(ROOT / "schedules" / run.schedule), "--out-dir", str(out_dir), "--name", run.name]
+           "--momentum", "0.9", "--wd", "0", "--epochs", str(args.epochs), "--vs", "0.1", "--seed", str(seed),
+           "--compress", str(ROOT / "schedules" / run.schedule), "--out-dir", str(out_dir), "--name", f"{run.name}_seed{seed}"]
     if run.from_fp:
         cmd += ["--exp-load-weights-from", str(args.teacher)]
     return cmd
@@ -101,6 +104,7 @@ def main():
     parser.add_argument("--mnist", type=Path, default=SHARED / "data" / "mnist")
     parser.add_argument("--teacher", type=Path, default=SHARED / "teachers" / "simplenet_mnist_fp.pth.tar")
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--only", nargs="*", help="run only these names: " + ", ".join(r.name for r in RUNS))
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/distiller_dcq_lenet_runs"))
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "lenet_mnist.md")
@@ -109,74 +113,96 @@ def main():
         parser.error("give --distiller-src (or set DISTILLER_SRC) to Distiller's source directory")
     runs = [r for r in RUNS if not args.only or r.name in args.only]
 
-    results = {}
-    for run in runs:
-        out_dir = args.work_dir / run.name
-        out_dir.mkdir(parents=True, exist_ok=True)
-        cmd = compress_classifier_command(args, run, out_dir)
-        print(f"[{time.strftime('%H:%M:%S')}] {run.name} ...", flush=True)
-        rc, seconds, peak_mib, stderr = run_and_measure(cmd)
-        if rc != 0:
-            error = (stderr.strip().splitlines() or ["no message"])[-1]
-            results[run.name] = {"failed": f"exit {rc}: {error}", "cmd": cmd}
-            print(f"    FAILED {results[run.name]['failed']}", flush=True)
-            continue
-        log = max(out_dir.glob(f"{run.name}___*/*.log"), key=os.path.getmtime).read_text()
-        results[run.name] = {**parse_log(log), "seconds": seconds, "peak_mib": peak_mib, "cmd": cmd}
-        r = results[run.name]
-        print(f"    test top-1 {r['test_top1']:.2f}  val {r['val_top1']}  train s/epoch "
-              f"{[round(s) for s in r['train_seconds']]}  peak {peak_mib:.0f} MiB", flush=True)
-
+    results = {}  # (run name, seed) -> measurements, or {"failed": message}
+    for seed in args.seeds:
+        for run in runs:
+            if run.headline or seed == args.seeds[0]:
+                results[run.name, seed] = measure(args, run, seed)
     write_results(args, runs, results)
     print(f"wrote {args.results}")
 
 
-def write_results(args, runs, results):
-    def epoch_mean(name, epochs=None):
-        secs = results[name]["train_seconds"]
-        return statistics.mean(secs if epochs is None else [secs[e] for e in epochs])
+def measure(args, run, seed):
+    out_dir = args.work_dir / f"{run.name}_seed{seed}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = compress_classifier_command(args, run, seed, out_dir)
+    print(f"[{time.strftime('%H:%M:%S')}] {run.name} seed {seed} ...", flush=True)
+    rc, seconds, peak_mib, stderr = run_and_measure(cmd)
+    if rc != 0:
+        error = (stderr.strip().splitlines() or ["no message"])[-1]
+        print(f"    FAILED exit {rc}: {error}", flush=True)
+        return {"failed": f"exit {rc}: {error}", "cmd": cmd}
+    log = max(out_dir.glob(f"{run.name}_seed{seed}___*/*.log"), key=os.path.getmtime).read_text()
+    r = {**parse_log(log), "seconds": seconds, "peak_mib": peak_mib, "cmd": cmd}
+    print(f"    test top-1 {r['test_top1']:.2f}  val {r['val_top1']}  train s/epoch "
+          f"{[round(s) for s in r['train_seconds']]}  peak {peak_mib:.0f} MiB", flush=True)
+    return r
 
+
+def _mean_sd(values):
+    return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+
+
+def write_results(args, runs, results):
+    seeds = args.seeds
     lines = [
         "# LeNet/MNIST: DoReFa vs DCQ (binary and ternary weights)", "",
         f"Made by `python benchmarks/lenet_mnist.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}` on "
-        f"{datetime.date.today()} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, CPU only, "
-        f"Python {platform.python_version()}, torch {_torch_version()}). Runs were sequential in that one process.",
+        f"{datetime.date.today()} ({platform.machine()}, {os.cpu_count()} CPUs, CPU only, Python "
+        f"{platform.python_version()}, torch {_torch_version()}). Runs were sequential in that one process.",
         "",
         f"Every run: Distiller's unmodified `compress_classifier.py`, `simplenet_mnist`, full MNIST (54,000 train / "
-        f"6,000 validation / 10,000 test), {args.epochs} epochs, SGD lr 0.01 momentum 0.9, ExponentialLR "
-        f"gamma 0.6 (in the YAML), batch 128, seed 0; from the FP teacher `{args.teacher.name}` "
-        f"(test top-1 99.42) unless marked scratch. Test top-1 is measured once, after the last epoch.", "",
-        "| run | schedule | init | test top-1 | best val top-1 | val top-1 per epoch | train s/epoch | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|"]
-    for run in runs:
-        r = results[run.name]
-        if "failed" in r:
-            lines.append(f"| {run.name} | `{run.schedule}` | {'FP' if run.from_fp else 'scratch'} | failed: "
-                         f"{r['failed']} | | | | |")
-            continue
-        lines.append(f"| {run.name} | `{run.schedule}` | {'FP' if run.from_fp else 'scratch'} | "
-                     f"**{r['test_top1']:.2f}** | {max(r['val_top1']):.2f} | "
-                     f"{' / '.join(f'{v:.2f}' for v in r['val_top1'])} | "
-                     f"{' / '.join(f'{s:.0f}' for s in r['train_seconds'])} | {r['peak_mib']:.0f} |")
-    lines += ["", "Notes: " + "; ".join(f"{r.name}: {r.note}" for r in runs if r.note) + ".", ""]
+        f"6,000 validation / 10,000 test), {args.epochs} epochs, SGD lr 0.01 (unless named) momentum 0.9, no "
+        f"weight decay, ExponentialLR gamma 0.6 (in the YAML), batch 128; from the FP teacher "
+        f"`{args.teacher.name}` (test top-1 99.42) unless marked scratch. Test top-1 is measured once, on the "
+        f"network after the last epoch. Seeds: {', '.join(map(str, seeds))} (`--seed`, which also draws the "
+        f"validation split).", ""]
 
-    pairs = [(w, f"dorefa_{w}", f"dcq_{w}") for w in ("binary", "ternary")
-             if all(k in results and "failed" not in results[k] for k in (f"dorefa_{w}", f"dcq_{w}"))]
+    ok = {k: v for k, v in results.items() if "failed" not in v}
+    pairs = [w for w in ("binary", "ternary")
+             if all((f"{m}_{w}", s) in ok for m in ("dorefa", "dcq") for s in seeds)]
     if pairs:
-        lines += ["## DCQ vs DoReFa (same teacher, same epochs)", "",
-                  "| weights | DoReFa test | DCQ test | DCQ - DoReFa | paper DoReFa / DCQ | epoch time DCQ/DoReFa, "
-                  "section stage | whole run | stitched val top-1 at merge |", "|---|---|---|---|---|---|---|---|"]
-        for w, base, dcq in pairs:
-            b, d = results[base], results[dcq]
-            stage = epoch_mean(dcq, [0]) / epoch_mean(base, [0])
-            whole = sum(d["train_seconds"]) / sum(b["train_seconds"])
-            lines.append(f"| {w} | {b['test_top1']:.2f} | {d['test_top1']:.2f} | {d['test_top1'] - b['test_top1']:+.2f} | "
-                         f"{PAPER[w][0]} / {PAPER[w][1]} | {stage:.2f} | {whole:.2f} | "
-                         f"{', '.join(f'{s:.2f}' for s in d['stitched_top1'])} |")
-        lines += ["", "Epoch-time ratios compare training epochs of the two runs (validation excluded): "
-                  "'section stage' is DCQ's epoch 0 (teacher forward + sectional losses) over DoReFa's epoch 0.", ""]
-    lines += ["## Commands", ""] + [f"- {run.name}: `{' '.join(shlex.quote(str(c)) for c in results[run.name]['cmd'])}`"
-                                     for run in runs]
+        lines += ["## DCQ vs DoReFa (same teacher, same epochs, same seeds)", "",
+                  "| weights | DoReFa test top-1 | DCQ test top-1 | DCQ - DoReFa | DCQ wins | paper DoReFa / DCQ | "
+                  "epoch time DCQ/DoReFa: section epoch | whole run | peak RSS MiB DoReFa / DCQ |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for w in pairs:
+            base = [ok[f"dorefa_{w}", s] for s in seeds]
+            dcq = [ok[f"dcq_{w}", s] for s in seeds]
+            stage = statistics.mean(d["train_seconds"][0] / b["train_seconds"][0] for b, d in zip(base, dcq))
+            whole = statistics.mean(sum(d["train_seconds"]) / sum(b["train_seconds"]) for b, d in zip(base, dcq))
+            wins = sum(d["test_top1"] > b["test_top1"] for b, d in zip(base, dcq))
+            diff = [d["test_top1"] - b["test_top1"] for b, d in zip(base, dcq)]
+            lines.append(
+                f"| {w} | {_mean_sd([b['test_top1'] for b in base])} | {_mean_sd([d['test_top1'] for d in dcq])} | "
+                f"{statistics.mean(diff):+.2f} | {wins} of {len(seeds)} | {PAPER[w][0]} / {PAPER[w][1]} | {stage:.2f} | "
+                f"{whole:.2f} | {max(b['peak_mib'] for b in base):.0f} / {max(d['peak_mib'] for d in dcq):.0f} |")
+        lines += ["", "Mean ± standard deviation over seeds. Epoch-time ratios compare training epochs (validation "
+                  "excluded) of the DCQ and DoReFa runs of the same seed, run back to back: 'section epoch' is "
+                  "DCQ's epoch 0 (teacher forward + section losses) over DoReFa's epoch 0; 'whole run' includes "
+                  "DCQ's fine-tuning epochs. Peak RSS is the compress_classifier process's maximum resident memory.",
+                  ""]
+
+    lines += ["## Every run", "",
+              "| run | seed | init | test top-1 | val top-1 per epoch | stitched val top-1 at merge | "
+              "train s/epoch | peak RSS MiB | schedule |", "|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        for seed in seeds:
+            if (run.name, seed) not in results:
+                continue
+            r = results[run.name, seed]
+            head = f"| {run.name} | {seed} | {'FP' if run.from_fp else 'scratch'} |"
+            if "failed" in r:
+                lines.append(f"{head} failed: {r['failed']} | | | | | `{run.schedule}` |")
+                continue
+            lines.append(f"{head} **{r['test_top1']:.2f}** | {' / '.join(f'{v:.2f}' for v in r['val_top1'])} | "
+                         f"{', '.join(f'{v:.2f}' for v in r['stitched_top1']) or '-'} | "
+                         f"{' / '.join(f'{v:.0f}' for v in r['train_seconds'])} | {r['peak_mib']:.0f} | "
+                         f"`{run.schedule}` |")
+    lines += ["", "What the runs are: " + "; ".join(f"**{r.name}**: {r.note}" for r in runs) + ".", ""]
+    lines += ["## Commands (seed " + str(seeds[0]) + ")", ""]
+    lines += [f"- {run.name}: `{' '.join(shlex.quote(str(c)) for c in results[run.name, seeds[0]]['cmd'])}`"
+              for run in runs if (run.name, seeds[0]) in results]
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text("\n".join(lines) + "\n")
 

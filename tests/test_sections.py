@@ -214,3 +214,13 @@ def test_unknown_section_or_section_inputs_is_named():
         wiring.train_sections(["pool2"])
     with pytest.raises(ValueError, match=r"unknown section_inputs 'prefix'; choose one of: teacher, student"):
         SectionWiring(student, teacher, ["pool1"], example_input=X, section_inputs="prefix")
+
+
+def test_two_wirings_cannot_be_split_on_one_student_at_once():
+    student, teacher = make_pair()
+    first = SectionWiring(student, teacher, ["pool1"], example_input=X).split()
+    second = SectionWiring(student, teacher, ["pool2"], example_input=X)
+    with pytest.raises(RuntimeError, match="already split on this model: two DCQ stages cannot overlap"):
+        second.split()
+    first.merge()
+    second.split().merge()

@@ -65,6 +65,9 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
             raise ValueError(f"DCQ policy {self.name!r} needs frequency: 1 (its window is one stage), "
                              f"got {meta['frequency']}")
         if not self.wiring.is_split:
+            if not hasattr(model, "quantizer_metadata"):
+                raise ValueError(f"DCQ policy {self.name!r} found no quantizer on the model: declare one under "
+                                 f"quantizers: (class: DCQQuantizer) and schedule it under policies:")
             self.wiring.split()
             msglogger.info("DCQ %s: split into %d sections for epochs %d-%d", self.name,
                            len(self.wiring.section_names), meta["starting_epoch"], meta["ending_epoch"] - 1)

@@ -15,6 +15,7 @@ Eval-mode forwards are left alone: validating the student always measures the st
 ``merge()`` removes the hooks, unfreezes, and leaves one ordinary network.
 """
 import itertools
+import weakref
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from .losses import get_loss
 
 OUTPUT = "output"  # name of the last section's end: the model output
 SECTION_INPUTS = ("teacher", "student")
+_SPLIT_STUDENTS = weakref.WeakKeyDictionary()  # student -> the wiring currently split on it
 
 
 def _strip_parallel_prefix(name):
@@ -43,7 +45,8 @@ def _module_index(model):
 
 @dataclass
 class ForwardTrace:
-    """What one forward pass showed: modules in first-call order, call counts, conv/linear MACs."""
+    """What one forward pass showed: modules in the order they first finish (a container after its
+    children), call counts, conv/linear MACs, and which modules returned the model's output."""
     order: list = field(default_factory=list)
     calls: Counter = field(default_factory=Counter)
     macs: Counter = field(default_factory=Counter)
@@ -68,13 +71,14 @@ def trace_forward(model, example_input):
 
     for name, module in modules.items():
         handles.append(module.register_forward_hook(hook(name)))
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
             model_output = model(example_input)
     finally:
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
         for h in handles:
             h.remove()
     trace.returns_output = {n for n, out in outputs.items() if out is model_output}
@@ -206,6 +210,14 @@ class SectionWiring:
         student's device."""
         if self.is_split:
             return self
+        if isinstance(self.student, nn.DataParallel) and len(self.student.device_ids) > 1:
+            raise NotImplementedError("DCQ sections under DataParallel over several GPUs are not supported yet "
+                                      "(replicas would overwrite each other's section outputs): train on one "
+                                      "device, e.g. compress_classifier.py --gpus 0")
+        if _SPLIT_STUDENTS.get(self.student) is not None:
+            raise RuntimeError("another DCQ section wiring is already split on this model: two DCQ stages cannot "
+                               "overlap; give their policies consecutive epoch windows")
+        _SPLIT_STUDENTS[self.student] = self
         device = next(self.student.parameters()).device
         self.teacher.to(device).eval().requires_grad_(False)
         student_modules, teacher_modules = _module_index(self.student), _module_index(self.teacher)
@@ -220,6 +232,8 @@ class SectionWiring:
         """Remove the wiring and unfreeze: the student is one ordinary network again."""
         for h in self._handles:
             h.remove()
+        if _SPLIT_STUDENTS.get(self.student) is self:
+            del _SPLIT_STUDENTS[self.student]
         self._handles = []
         self._teacher_out, self._student_out, self._wired = {}, {}, False
         self.train_sections(None)
