@@ -36,7 +36,7 @@ def _require(path):
 @pytest.fixture(scope="session")
 def mnist_test_set():
     """The 10,000 MNIST test images, normalised as Distiller's MNIST loader does."""
-    _require(MNIST_DIR / "MNIST" / "raw")
+    _require(MNIST_DIR / "MNIST" / "raw" / "t10k-images-idx3-ubyte")
     from torchvision import datasets, transforms
     data = datasets.MNIST(str(MNIST_DIR), train=False, download=False,
                           transform=transforms.Compose([transforms.ToTensor(),
