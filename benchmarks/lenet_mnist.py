@@ -70,14 +70,16 @@ def compress_classifier_command(args, run, seed, out_dir):
     return cmd
 
 
-def run_and_measure(cmd):
-    """Run ``cmd``; return (returncode, seconds, peak RSS in MiB of that process alone)."""
+def run_and_measure(cmd, stderr_path):
+    """Run ``cmd`` (stderr to ``stderr_path``); return (returncode, seconds, peak RSS in MiB of that
+    process alone, last stderr line)."""
     start = time.time()
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    stderr = process.stderr.read()
-    return process.returncode, time.time() - start, usage.ru_maxrss / 1024, stderr
+    with open(stderr_path, "w") as stderr:
+        process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(process.pid, 0)
+    lines = Path(stderr_path).read_text().strip().splitlines()
+    return os.waitstatus_to_exitcode(status), time.time() - start, usage.ru_maxrss / 1024, \
+        (lines or ["no message"])[-1]
 
 
 STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - "
@@ -127,9 +129,8 @@ def measure(args, run, seed):
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = compress_classifier_command(args, run, seed, out_dir)
     print(f"[{time.strftime('%H:%M:%S')}] {run.name} seed {seed} ...", flush=True)
-    rc, seconds, peak_mib, stderr = run_and_measure(cmd)
+    rc, seconds, peak_mib, error = run_and_measure(cmd, out_dir / "stderr.txt")
     if rc != 0:
-        error = (stderr.strip().splitlines() or ["no message"])[-1]
         print(f"    FAILED exit {rc}: {error}", flush=True)
         return {"failed": f"exit {rc}: {error}", "cmd": cmd}
     log = max(out_dir.glob(f"{run.name}_seed{seed}___*/*.log"), key=os.path.getmtime).read_text()

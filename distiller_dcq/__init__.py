@@ -16,10 +16,4 @@ def _on_distiller_imported(distiller):
     register(distiller)
 
 
-def _on_checkpoint_module_imported(checkpoint_module):
-    from .adapter.compat import patch_checkpoint_loading
-    patch_checkpoint_loading(checkpoint_module)
-
-
-when_imported("distiller.apputils.checkpoint", _on_checkpoint_module_imported)
 when_imported("distiller", _on_distiller_imported)

@@ -257,3 +257,63 @@ def test_sequential_windows_that_do_not_add_up_stop_the_run_before_training(tmp_
     rc, log = run_compress_classifier(tmp_path, "--epochs", "1", "--compress", schedule, train_size="0.01")
     assert rc != 0 and "section_epochs [2, 1] add up to 3 epochs, but its window has 1" in log
     assert "Overall Loss" not in log
+
+
+# --- resume ----------------------------------------------------------------------------------------
+
+def _final_state(out_dir):
+    checkpoint = max(out_dir.glob("*/checkpoint.pth.tar"), key=os.path.getmtime)
+    return load_distiller_checkpoint(str(checkpoint))
+
+
+def _epoch_lrs(log):
+    return [line.split("LR ")[1].split()[0] for line in log.splitlines() if "Overall Loss" in line]
+
+
+@pytest.mark.parametrize("policy_args", ["    boundaries: [pool1, pool2, relu3]\n    loss: mse\n",
+                                         "    boundaries: [pool2]\n    loss: mse\n    mode: sequential\n"])
+def test_resuming_mid_stage_gives_exactly_the_uninterrupted_weights(tmp_path, policy_args):
+    schedule = write_schedule(tmp_path, policy_args)
+    schedule.write_text(schedule.read_text().replace("instance_name: dcq\n    starting_epoch: 0\n    ending_epoch: 1",
+                                                     "instance_name: dcq\n    starting_epoch: 0\n    ending_epoch: 2"))
+    common = ["--compress", schedule, "--deterministic"]
+    rc, whole = run_compress_classifier(tmp_path / "whole", "--epochs", "2", *common,
+                                        "--exp-load-weights-from", LENET_TEACHER, train_size="0.01")
+    assert rc == 0, whole[-3000:]
+    rc, first = run_compress_classifier(tmp_path / "first", "--epochs", "1", *common,
+                                        "--exp-load-weights-from", LENET_TEACHER, train_size="0.01")
+    assert rc == 0, first[-3000:]
+    halfway = max((tmp_path / "first").glob("*/checkpoint.pth.tar"), key=os.path.getmtime)
+    rc, resumed = run_compress_classifier(tmp_path / "resumed", "--epochs", "2", *common, "--resume-from", halfway,
+                                          train_size="0.01")
+    assert rc == 0, resumed[-3000:]
+    assert "merged the" in resumed and _epoch_lrs(resumed) == _epoch_lrs(whole)[len(_epoch_lrs(first)):]
+    expected, got = _final_state(tmp_path / "whole")["state_dict"], _final_state(tmp_path / "resumed")["state_dict"]
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_resuming_a_distiller_dorefa_checkpoint_works_and_keeps_the_lr(tmp_path):
+    common = ["--compress", SCHEDULES / "simplenet_mnist_dorefa_binary.yaml", "--deterministic"]
+    rc, whole = run_compress_classifier(tmp_path / "whole", "--epochs", "2", *common,
+                                        "--exp-load-weights-from", LENET_TEACHER, train_size="0.01")
+    rc, first = run_compress_classifier(tmp_path / "first", "--epochs", "1", *common,
+                                        "--exp-load-weights-from", LENET_TEACHER, train_size="0.01")
+    halfway = max((tmp_path / "first").glob("*/checkpoint.pth.tar"), key=os.path.getmtime)
+    rc, resumed = run_compress_classifier(tmp_path / "resumed", "--epochs", "2", *common, "--resume-from", halfway,
+                                          train_size="0.01")
+    assert rc == 0, resumed[-3000:]
+    assert _epoch_lrs(resumed) == _epoch_lrs(whole)[len(_epoch_lrs(first)):] == ["0.006000"]  # not decayed twice
+    state = _final_state(tmp_path / "resumed")["state_dict"]
+    assert state["fc1.weight"].abs().unique().numel() == 1  # still binary, and quantized once
+
+
+def test_resuming_a_quantized_checkpoint_without_a_teacher_is_a_clear_error(tmp_path):
+    rc, _ = run_compress_classifier(tmp_path / "dorefa", "--epochs", "1", "--compress",
+                                    SCHEDULES / "simplenet_mnist_dorefa_binary.yaml", train_size="0.01")
+    checkpoint = max((tmp_path / "dorefa").glob("*/checkpoint.pth.tar"), key=os.path.getmtime)
+    rc, log = run_compress_classifier(tmp_path / "dcq", "--epochs", "2", "--resume-from", checkpoint, "--compress",
+                                      SCHEDULES / "simplenet_mnist_dcq_binary.yaml", train_size="0.01")
+    assert rc != 0
+    assert "the model is already quantized" in log and "teacher: path/to/fp.pth.tar" in log

@@ -204,7 +204,10 @@ def test_frozen_sections_get_no_update_at_all_momentum_and_weight_decay_included
         else:
             assert not torch.equal(p, trained[n]), n
     wiring.merge()
-    assert all(p.requires_grad for p in student.parameters())
+    optimizer.zero_grad()
+    student(torch.randn(8, 1, 28, 28)).square().mean().backward()
+    optimizer.step()
+    assert all(not torch.equal(p, frozen[n]) for n, p in student.named_parameters() if n in frozen)
 
 
 def test_unknown_section_or_section_inputs_is_named():
@@ -224,3 +227,49 @@ def test_two_wirings_cannot_be_split_on_one_student_at_once():
         second.split()
     first.merge()
     second.split().merge()
+
+
+def test_a_cut_inside_a_residual_block_is_refused_and_the_block_end_accepted():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.relu, self.conv2 = nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            return torch.relu(x + self.conv2(self.relu(self.conv1(x))))
+
+    class TinyResNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.block1, self.block2 = nn.Conv2d(1, 3, 3, padding=1), Block(), Block()
+            self.head = nn.Linear(3 * 8 * 8, 2)
+
+        def forward(self, x):
+            return self.head(self.block2(self.block1(torch.relu(self.stem(x)))).flatten(1))
+
+    model, x = TinyResNet(), torch.zeros(1, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"cannot cut at 'block1.relu': the section ending at 'block2' also uses "
+                                         r"activations from before that cut.*cut at the end of the block instead"):
+        SectionWiring(model, copy.deepcopy(model), ["block1.relu", "block2"], example_input=x)
+    assert SectionWiring(model, copy.deepcopy(model), ["block1", "block2"], example_input=x).boundaries == \
+        ["block1", "block2"]
+
+
+def test_an_in_place_layer_after_a_cut_leaves_the_loss_operands_intact():
+    class InPlaceAfterCut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.relu, self.b = nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(self.relu(self.a(x)))
+
+    for inputs in ("teacher", "student"):
+        student = InPlaceAfterCut()
+        teacher = copy.deepcopy(student)
+        wiring = SectionWiring(student, teacher, ["a"], example_input=torch.zeros(1, 4), loss="mse",
+                               section_inputs=inputs).split()
+        student.train()(torch.randn(16, 4))
+        with torch.no_grad():
+            assert (wiring._teacher_out["a"] < 0).any() and (wiring._student_out["a"] < 0).any()
+        sum(wiring.section_losses().values()).backward()

@@ -2,7 +2,8 @@
 
 The only package that imports Distiller; ``distiller_dcq.engine`` never does.
 """
-from .compat import patch_checkpoint_loading, patch_pandas_precision
+from .compat import (patch_checkpoint_loading, patch_pandas_precision, patch_quantizer_prepare, patch_resumed_lr,
+                     patch_scheduler_state)
 from .policy import SectionalKDPolicy
 from .quantizer import DCQQuantizer
 
@@ -14,10 +15,14 @@ def register(distiller):
     import distiller.apputils.checkpoint as checkpoint_module
     import distiller.config as config
     import distiller.model_summaries as model_summaries
+    import distiller.quantization.quantizer as quantizer_module
     for cls in YAML_CLASSES:
         setattr(config, cls.__name__, cls)
     patch_pandas_precision(model_summaries)
     patch_checkpoint_loading(checkpoint_module)
+    patch_quantizer_prepare(quantizer_module)
+    patch_resumed_lr(config, distiller.LRPolicy)
+    patch_scheduler_state(distiller.CompressionScheduler)
 
 
 __all__ = ["DCQQuantizer", "SectionalKDPolicy", "register", "YAML_CLASSES"]

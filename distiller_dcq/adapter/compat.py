@@ -1,14 +1,35 @@
-"""Run-time patches that let Distiller 0.4 run on Python 3.11 / PyTorch 2.x / pandas 3.
+"""Run-time patches that let Distiller 0.4 run (and resume) on Python 3.11 / PyTorch 2.x / pandas 3.
 
 Each patch is idempotent, does nothing on a stack that does not need it, and touches only the
-Distiller module it fixes (Distiller's files are never edited).
+Distiller objects it fixes (Distiller's files are never edited). Numbers refer to
+``distiller-on-modern-stack.md``.
 """
 import functools
+import inspect
+import copy
+import random
 
+import numpy as np
 import torch
 
 from .checkpoints import distiller_checkpoint_globals
 
+PATCHED = "patched_by_distiller_dcq"
+RESTORED_QUANTIZER = "distiller_dcq_restored_quantizer"  # model attribute: the quantizer rebuilt from a checkpoint
+RESUMED_POLICY_STATES = "distiller_dcq_resumed_policies"  # model attribute: our policies' states from a checkpoint
+POLICY_STATES_KEY = "distiller_dcq_policies"  # key of those states in Distiller's 'compression_sched' state
+
+
+def _mark(fn):
+    setattr(fn, PATCHED, True)
+    return fn
+
+
+def _is_patched(fn):
+    return getattr(fn, PATCHED, False)
+
+
+# --- 1. pandas >= 1.3 -------------------------------------------------------------------------------
 
 def _pandas_needs_precision_alias(pd):
     try:
@@ -41,22 +62,167 @@ def patch_pandas_precision(model_summaries):
     model_summaries.pd = _PandasWithPrecisionAlias(pd)
 
 
+# --- 2. torch >= 2.6 weights_only, and 3. restoring quantized checkpoints ------------------------------
+
 def _torch_loads_weights_only_by_default():
     major, minor = (int(p) for p in torch.__version__.split(".")[:2])
     return (major, minor) >= (2, 6)
 
 
+class _TorchForDistillerCheckpoints:
+    """``torch`` as ``distiller.apputils.checkpoint`` sees it. Its ``load``:
+
+    - under torch >= 2.6 (``weights_only=True``), allows exactly the classes Distiller checkpoints
+      reference (``distiller_checkpoint_globals``), never ``weights_only=False``;
+    - makes ``quantizer_metadata['type']`` rebuildable: Distiller calls it without the ``optimizer``
+      its DoReFa-family quantizers require (Distiller issues #367, #536), so it gets a placeholder one
+      (training builds its own), and the rebuilt quantizer is remembered on the model.
+    """
+
+    def __init__(self, torch_module):
+        self._torch = torch_module
+
+    def load(self, *args, **kwargs):
+        if _torch_loads_weights_only_by_default():
+            with torch.serialization.safe_globals(distiller_checkpoint_globals()):
+                checkpoint = self._torch.load(*args, **kwargs)
+        else:
+            checkpoint = self._torch.load(*args, **kwargs)
+        metadata = checkpoint.get("quantizer_metadata") if isinstance(checkpoint, dict) else None
+        if metadata and isinstance(metadata.get("type"), type):
+            metadata["type"] = _rebuild_quantizer(metadata["type"])
+        return checkpoint
+
+    def __getattr__(self, name):
+        return getattr(self._torch, name)
+
+
+def _rebuild_quantizer(quantizer_cls):
+    def build(model, **params):
+        if "optimizer" in inspect.signature(quantizer_cls).parameters and "optimizer" not in params:
+            params["optimizer"] = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+        quantizer = quantizer_cls(model, **params)
+        quantizer.checkpoint_params = copy.deepcopy(model.quantizer_metadata["params"])
+        setattr(model, RESTORED_QUANTIZER, quantizer)
+        return quantizer
+    return build
+
+
 def patch_checkpoint_loading(checkpoint_module):
-    """Under torch >= 2.6, ``torch.load`` is ``weights_only=True`` and refuses the optimizer and
-    quantizer classes Distiller pickles: load them with exactly those classes allow-listed."""
-    original = checkpoint_module.load_checkpoint
-    if getattr(original, "patched_by_distiller_dcq", False) or not _torch_loads_weights_only_by_default():
+    """Give ``distiller.apputils.checkpoint`` the ``torch`` above."""
+    if not isinstance(checkpoint_module.torch, _TorchForDistillerCheckpoints):
+        checkpoint_module.torch = _TorchForDistillerCheckpoints(checkpoint_module.torch)
+
+
+def patch_quantizer_prepare(quantizer_module):
+    """Wrap ``Quantizer.prepare_model`` so that
+
+    - each module keeps its parameter order (``float_weight`` takes ``weight``'s place): an optimizer
+      rebuilt from ``model.parameters()`` on resume then gets its saved state on the right tensors;
+    - a schedule's quantizer applied to a model already prepared from a checkpoint adopts that
+      preparation instead of quantizing twice (``KeyError: 'conv2.float_float_weight'``).
+    """
+    cls = quantizer_module.Quantizer
+    if _is_patched(cls.prepare_model):
         return
+    original = cls.prepare_model
 
     @functools.wraps(original)
-    def load_checkpoint(*args, **kwargs):
-        with torch.serialization.safe_globals(distiller_checkpoint_globals()):
-            return original(*args, **kwargs)
+    def prepare_model(self, dummy_input=None):
+        restored = getattr(self.model, RESTORED_QUANTIZER, None)
+        if restored is not None and restored is not self:
+            return _adopt(self, restored)
+        order = {module: list(module._parameters) for module in self.model.modules()}
+        original(self, dummy_input)
+        for module, names in order.items():
+            _keep_parameter_order(module, names, quantizer_module.FP_BKP_PREFIX)
 
-    load_checkpoint.patched_by_distiller_dcq = True
-    checkpoint_module.load_checkpoint = load_checkpoint
+    cls.prepare_model = _mark(prepare_model)
+
+
+def _keep_parameter_order(module, names, prefix):
+    params = module._parameters
+    ordered = [(n, params[n]) if n in params else (prefix + n, params[prefix + n]) for n in names
+               if n in params or prefix + n in params]
+    ordered += [(n, p) for n, p in params.items() if n not in dict(ordered)]
+    params.clear()
+    params.update(ordered)
+
+
+def _adopt(quantizer, restored):
+    ours, theirs = quantizer.model.quantizer_metadata["params"], restored.checkpoint_params
+    if type(quantizer) is not type(restored) or ours != theirs:
+        raise ValueError(f"the schedule's quantizer ({type(quantizer).__name__} {dict(ours)}) differs from the one "
+                         f"that quantized the resumed checkpoint ({type(restored).__name__} {dict(theirs)}): resume "
+                         f"with the schedule that made the checkpoint")
+    quantizer.params_to_quantize = restored.params_to_quantize
+    quantizer.modules_processed = restored.modules_processed
+    quantizer.modules_processed_args = restored.modules_processed_args
+    quantizer.prepared = True
+    delattr(quantizer.model, RESTORED_QUANTIZER)
+
+
+# --- 4. LR schedulers on resume -----------------------------------------------------------------------
+
+def patch_resumed_lr(config_module, lr_policy_cls):
+    """torch >= 1.4 schedulers built with ``last_epoch = start_epoch - 1`` decay the restored LR once
+    more; after ``dict_config`` on a resumed run, put back the LRs the checkpoint's optimizer had."""
+    if _is_patched(config_module.dict_config):
+        return
+    original = config_module.dict_config
+
+    @functools.wraps(original)
+    def dict_config(model, optimizer, sched_dict, scheduler=None, resumed_epoch=None):
+        saved = [g["lr"] for g in optimizer.param_groups] if resumed_epoch is not None and optimizer else None
+        scheduler = original(model, optimizer, sched_dict, scheduler, resumed_epoch)
+        if saved is not None:
+            for group, lr in zip(optimizer.param_groups, saved):
+                group["lr"] = lr
+            for policy in scheduler.sched_metadata:
+                if isinstance(policy, lr_policy_cls):
+                    policy.lr_scheduler._last_lr = list(saved)
+        return scheduler
+
+    config_module.dict_config = _mark(dict_config)
+
+
+# --- 5. our policies' state in Distiller checkpoints -----------------------------------------------------
+
+def patch_scheduler_state(scheduler_cls):
+    """``CompressionScheduler.state_dict`` (saved in every checkpoint) also holds the state of our
+    policies (``checkpoint_state()``); ``load_state_dict`` leaves it on the model for them to find."""
+    if _is_patched(scheduler_cls.state_dict):
+        return
+    original_save, original_load = scheduler_cls.state_dict, scheduler_cls.load_state_dict
+
+    @functools.wraps(original_save)
+    def state_dict(self):
+        state = original_save(self)
+        ours = {p.name: p.checkpoint_state() for p in self.sched_metadata if hasattr(p, "checkpoint_state")}
+        if ours:
+            state[POLICY_STATES_KEY] = ours
+        return state
+
+    @functools.wraps(original_load)
+    def load_state_dict(self, state, normalize_dataparallel_keys=False):
+        original_load(self, state, normalize_dataparallel_keys)
+        if POLICY_STATES_KEY in state:
+            setattr(self.model, RESUMED_POLICY_STATES, state[POLICY_STATES_KEY])
+
+    scheduler_cls.state_dict = _mark(state_dict)
+    scheduler_cls.load_state_dict = _mark(load_state_dict)
+
+
+def rng_state():
+    """Python, NumPy and torch RNG states, as tensors and ints (``weights_only``-loadable)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": (torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "python": random.getstate()}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+

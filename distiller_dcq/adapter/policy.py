@@ -4,10 +4,13 @@ import itertools
 import logging
 
 import torch
+from distiller.models import create_model
 from distiller.policy import LossComponent, PolicyLoss, ScheduledTrainingPolicy
+from distiller.quantization.quantizer import FP_BKP_PREFIX
 
 from ..engine.sections import SectionWiring
 from .checkpoints import load_distiller_checkpoint
+from .compat import RESUMED_POLICY_STATES, rng_state, set_rng_state
 
 msglogger = logging.getLogger()
 MODES = {"parallel": "teacher", "sequential": "student"}  # mode -> where a section's input comes from
@@ -33,6 +36,10 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
         label_weight: adds label_weight * cross-entropy(last section, labels) to the loss (default 0).
         teacher: path to an FP checkpoint of the same architecture; default: the model as it stood
             when the schedule was built (load it with --exp-load-weights-from).
+
+    Resuming (``--resume-from``) in the middle of the stage continues as if uninterrupted: the
+    teacher's weights and the RNG states are saved in every Distiller checkpoint with the
+    scheduler's state; the wiring and the trained section follow from the epoch.
     """
 
     def __init__(self, model, name="dcq", boundaries=None, num_sections=None, mode="parallel", section_epochs=None,
@@ -44,9 +51,9 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
             raise ValueError("section_epochs applies to mode: sequential only: remove it, or set mode: sequential")
         self.name, self.mode = name, mode
         self.label_weight = float(label_weight)
-        teacher_model = copy.deepcopy(model)
-        if teacher is not None:
-            _load_teacher_weights(teacher_model, teacher, model)
+        resumed = getattr(model, RESUMED_POLICY_STATES, {}).get(name)
+        teacher_model = _fp_teacher(model, name, teacher, resumed)
+        self._rng_to_restore = resumed["rng"] if resumed else None
         example_input = torch.zeros(_input_shape(model), device=next(model.parameters()).device)
         self.wiring = SectionWiring(model, teacher_model, boundaries, num_sections=num_sections,
                                     example_input=example_input, loss=loss, temperature=temperature,
@@ -60,7 +67,15 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
         msglogger.info("DCQ %s: %s mode, %d sections ending at %s; loss %s; teacher %s", name, mode, len(sections),
                        ", ".join(sections), loss, teacher or "the model as loaded")
 
+    def checkpoint_state(self):
+        """What a resumed run needs that Distiller's checkpoint lacks (saved with the scheduler's state)."""
+        teacher = getattr(self.wiring.teacher, "module", self.wiring.teacher)
+        return {"teacher": teacher.state_dict(), "rng": rng_state()}
+
     def on_epoch_begin(self, model, zeros_mask_dict, meta, **kwargs):
+        if self._rng_to_restore is not None:  # first epoch after a resume: the data order continues
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
         if meta.get("frequency") not in (None, 1):
             raise ValueError(f"DCQ policy {self.name!r} needs frequency: 1 (its window is one stage), "
                              f"got {meta['frequency']}")
@@ -106,6 +121,28 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
         top1 = kwargs.get("metrics", {}).get("max")
         msglogger.info("DCQ %s: merged the %d sections into one network; stitched network validation Top1: %s",
                        self.name, len(self.wiring.section_names), "n/a" if top1 is None else f"{top1:.3f}")
+
+
+def _is_quantized(model):
+    return any(n.rsplit(".", 1)[-1].startswith(FP_BKP_PREFIX) for n, _ in model.named_parameters())
+
+
+def _fp_teacher(model, name, path, resumed):
+    """The FP teacher: the model itself as it stands (a fresh run), else a new FP instance of its
+    architecture with the weights of ``path`` or of the resumed checkpoint."""
+    if not _is_quantized(model):
+        teacher = copy.deepcopy(model)
+    elif path is None and resumed is None:
+        raise ValueError(f"DCQ policy {name!r}: the model is already quantized (resumed from a checkpoint made "
+                         f"without this policy?) and nothing says what the FP teacher was: name the FP checkpoint "
+                         f"in the YAML (teacher: path/to/fp.pth.tar)")
+    else:
+        teacher = create_model(False, model.dataset, model.arch, parallel=False, device_ids=-1)
+        if path is None:
+            teacher.load_state_dict(resumed["teacher"])
+    if path is not None:
+        _load_teacher_weights(teacher, path, model)
+    return teacher
 
 
 def _input_shape(model):

@@ -29,6 +29,10 @@ SECTION_INPUTS = ("teacher", "student")
 _SPLIT_STUDENTS = weakref.WeakKeyDictionary()  # student -> the wiring currently split on it
 
 
+def _drop_grad(param):
+    param.grad = None
+
+
 def _strip_parallel_prefix(name):
     return name[len("module."):] if name.startswith("module.") else name
 
@@ -151,7 +155,44 @@ def validate_boundaries(model, boundaries, example_input):
     if at_output:
         raise ValueError(f"boundary module(s) {at_output} produce the model output, where the last section ends "
                          f"anyway: remove them from the boundaries")
+    _check_nothing_bypasses(model, names, example_input)
     return names
+
+
+def _check_nothing_bypasses(model, boundaries, example_input):
+    """Cut ``model`` at every boundary and ask autograd whether the end of each section still depends on
+    anything before the section's own input: a skip/residual connection across a cut would do that."""
+    modules = _module_index(model)
+    cuts, ends, handles = [], [], []
+
+    def cut(module, inputs, output):
+        ends.append(output)
+        cuts.append(output.detach().requires_grad_(True))
+        return cuts[-1].clone()  # not the leaf itself: the next layer may work in place
+
+    for name in boundaries:
+        handles.append(modules[name].register_forward_hook(cut))
+    modes = {m: m.training for m in model.modules()}
+    x = example_input.detach().clone().requires_grad_(True)
+    try:
+        model.eval()
+        with torch.enable_grad():
+            ends.append(model(x))
+    finally:
+        for m, training in modes.items():
+            m.training = training
+        for h in handles:
+            h.remove()
+    section_names = list(boundaries) + [OUTPUT]
+    for i, end in enumerate(ends):
+        earlier = [x] + cuts[:max(i - 1, 0)]
+        if i == 0 or not end.requires_grad:
+            continue
+        grads = torch.autograd.grad(end.sum(), earlier, allow_unused=True, retain_graph=True)
+        if any(g is not None for g in grads):
+            raise ValueError(f"cannot cut at '{boundaries[i - 1]}': the section ending at '{section_names[i]}' also "
+                             f"uses activations from before that cut (a skip or residual connection crosses it); "
+                             f"cut at the end of the block instead")
 
 
 class SectionWiring:
@@ -197,7 +238,7 @@ class SectionWiring:
         self.student, self.teacher, self.example_input = student, teacher, example_input
         self.section_names = self.boundaries + [OUTPUT]
         self.trained_sections = list(self.section_names)
-        self._handles, self._frozen = [], []
+        self._handles, self._frozen = [], []  # hook handles: the wiring's, the frozen parameters'
         self._teacher_out, self._student_out = {}, {}
         self._wired = False
 
@@ -251,20 +292,23 @@ class SectionWiring:
         return params
 
     def train_sections(self, names):
-        """Train only the sections named (``None``: all); freeze the parameters of the others."""
+        """Train only the sections named (``None``: all) and freeze the others: any gradient reaching a
+        frozen parameter is dropped (``grad`` stays ``None``), so optimizers skip it entirely. Its
+        ``requires_grad`` is left alone: weights derived from it (fake-quantized copies) keep their
+        autograd graph and learn at once when the section is trained again."""
         names = list(self.section_names) if names is None else list(names)
         unknown = [n for n in names if n not in self.section_names]
         if unknown:
             raise ValueError(f"unknown section(s) {unknown}; the sections are {self.section_names}")
-        for p in self._frozen:
-            p.requires_grad_(True)
+        for handle in self._frozen:
+            handle.remove()
         self._frozen = []
         if names != self.section_names:
+            if not hasattr(torch.Tensor, "register_post_accumulate_grad_hook"):
+                raise NotImplementedError("training some sections only (sequential mode) needs torch >= 2.1")
             for section, params in self.section_parameters().items():
                 if section not in names:
-                    self._frozen += [p for p in params if p.requires_grad]
-            for p in self._frozen:
-                p.requires_grad_(False)
+                    self._frozen += [p.register_post_accumulate_grad_hook(_drop_grad) for p in params]
         self.trained_sections = names
         return self
 
@@ -279,6 +323,7 @@ class SectionWiring:
     def _keep_teacher(self, name):
         def hook(module, inputs, output):
             self._teacher_out[name] = output
+            return output.clone()  # the teacher's next layer may work in place
         return hook
 
     def _end_section(self, name):
@@ -286,7 +331,9 @@ class SectionWiring:
             if not self._wired:
                 return None
             self._student_out[name] = output
-            return self._teacher_out[name] if self.section_inputs == "teacher" else output.detach()
+            # a copy: the next layer may work in place on its input, which must not alter a loss operand
+            handed_on = self._teacher_out[name] if self.section_inputs == "teacher" else output.detach()
+            return handed_on.clone()
         return hook
 
     def _keep_student_output(self, module, inputs, output):
