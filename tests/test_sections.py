@@ -265,11 +265,27 @@ def test_an_in_place_layer_after_a_cut_leaves_the_loss_operands_intact():
             return self.b(self.relu(self.a(x)))
 
     for inputs in ("teacher", "student"):
-        student = InPlaceAfterCut()
-        teacher = copy.deepcopy(student)
+        torch.manual_seed(0)
+        student, teacher, x = InPlaceAfterCut(), InPlaceAfterCut(), torch.randn(16, 4)
+        with torch.no_grad():
+            expected = torch.nn.functional.mse_loss(student.a(x), teacher.a(x))  # pre-ReLU, negatives included
         wiring = SectionWiring(student, teacher, ["a"], example_input=torch.zeros(1, 4), loss="mse",
                                section_inputs=inputs).split()
-        student.train()(torch.randn(16, 4))
-        with torch.no_grad():
-            assert (wiring._teacher_out["a"] < 0).any() and (wiring._student_out["a"] < 0).any()
-        sum(wiring.section_losses().values()).backward()
+        student.train()(x)
+        assert torch.allclose(wiring.section_losses()["a"], expected)
+
+
+def test_a_dataparallel_student_on_cpu_takes_names_with_or_without_module_and_gives_the_same_losses():
+    x = torch.randn(8, 1, 28, 28)
+    student, teacher = make_pair()
+    plain = SectionWiring(student, teacher, ["pool1", "relu3"], example_input=X).split()
+    student.train()(x)
+    expected = {k: v.item() for k, v in plain.section_losses().items()}
+    plain.merge()
+    wrapped = nn.DataParallel(student)  # no GPU here: DataParallel runs the module itself
+    for names in (["module.pool1", "module.relu3"], ["pool1", "relu3"]):
+        wiring = SectionWiring(wrapped, nn.DataParallel(teacher), names, example_input=X).split()
+        assert wiring.boundaries == ["pool1", "relu3"]
+        wrapped.train()(x)
+        assert {k: v.item() for k, v in wiring.section_losses().items()} == expected
+        wiring.merge()

@@ -239,8 +239,8 @@ class SectionWiring:
         self.section_names = self.boundaries + [OUTPUT]
         self.trained_sections = list(self.section_names)
         self._handles, self._frozen = [], []  # hook handles: the wiring's, the frozen parameters'
-        self._teacher_out, self._student_out = {}, {}
-        self._wired = False
+        self._teacher_out, self._student_out = {}, {}  # section end -> activation; student: per replica
+        self._wired, self._replicas = False, 1
 
     @property
     def is_split(self):
@@ -251,10 +251,6 @@ class SectionWiring:
         student's device."""
         if self.is_split:
             return self
-        if isinstance(self.student, nn.DataParallel) and len(self.student.device_ids) > 1:
-            raise NotImplementedError("DCQ sections under DataParallel over several GPUs are not supported yet "
-                                      "(replicas would overwrite each other's section outputs): train on one "
-                                      "device, e.g. compress_classifier.py --gpus 0")
         if _SPLIT_STUDENTS.get(self.student) is not None:
             raise RuntimeError("another DCQ section wiring is already split on this model: two DCQ stages cannot "
                                "overlap; give their policies consecutive epoch windows")
@@ -316,9 +312,19 @@ class SectionWiring:
         self._wired = module.training
         self._student_out = {}
         if self._wired:
-            self.teacher.eval()
+            teacher = _unwrap(self.teacher).eval()  # never replicated: its activations are split below
             with torch.no_grad():
-                self._teacher_out[OUTPUT] = self.teacher(*inputs)
+                self._teacher_out[OUTPUT] = teacher(*inputs)
+            self._replicas = len(inputs[0].chunk(len(self._device_ids))) if self._device_ids else 1
+
+    @property
+    def _device_ids(self):
+        """DataParallel's devices when it scatters batches over several, else an empty list."""
+        ids = self.student.device_ids if isinstance(self.student, nn.DataParallel) else []
+        return ids if len(ids) > 1 else []
+
+    def _replica_index(self, tensor):
+        return self._device_ids.index(tensor.device.index) if self._device_ids else 0
 
     def _keep_teacher(self, name):
         def hook(module, inputs, output):
@@ -327,18 +333,31 @@ class SectionWiring:
         return hook
 
     def _end_section(self, name):
-        def hook(module, inputs, output):
+        def hook(module, inputs, output):  # under DataParallel: once per replica, in its own thread
             if not self._wired:
                 return None
-            self._student_out[name] = output
+            replica = self._replica_index(output)
+            self._student_out.setdefault(name, {})[replica] = output
+            if self.section_inputs == "student":
+                handed_on = output.detach()
+            else:
+                handed_on = self._teacher_out[name]
+                if self._device_ids:  # this replica's share of the batch, as DataParallel scattered it
+                    handed_on = handed_on.chunk(self._replicas)[replica].to(output.device)
             # a copy: the next layer may work in place on its input, which must not alter a loss operand
-            handed_on = self._teacher_out[name] if self.section_inputs == "teacher" else output.detach()
             return handed_on.clone()
         return hook
 
     def _keep_student_output(self, module, inputs, output):
         if self._wired:
-            self._student_out[OUTPUT] = output
+            self._student_out[OUTPUT] = {0: output}  # the model output, gathered by DataParallel
+
+    def _gathered_student_out(self, name):
+        chunks = self._student_out[name]
+        if len(chunks) == 1:
+            return chunks[0]
+        device = self._teacher_out[name].device
+        return torch.cat([chunks[i].to(device) for i in range(len(chunks))])
 
     def section_losses(self):
         """One loss per trained section (``OrderedDict`` section name -> scalar) for the last training forward."""
@@ -347,7 +366,7 @@ class SectionWiring:
                                "training mode and run it on a batch first")
         losses = OrderedDict()
         for name in self.trained_sections:
-            student, teacher = self._student_out[name], self._teacher_out[name]
+            student, teacher = self._gathered_student_out(name), self._teacher_out[name]
             loss = self.loss_fn(student, teacher, logits=(name == OUTPUT), temperature=self.temperature)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"section '{name}' {self.loss_name} loss is {loss.item()}: check the "
