@@ -317,3 +317,58 @@ def test_resuming_a_quantized_checkpoint_without_a_teacher_is_a_clear_error(tmp_
                                       SCHEDULES / "simplenet_mnist_dcq_binary.yaml", train_size="0.01")
     assert rc != 0
     assert "the model is already quantized" in log and "teacher: path/to/fp.pth.tar" in log
+
+
+# --- more bad input --------------------------------------------------------------------------------
+
+def test_a_corrupt_teacher_checkpoint_is_named(tmp_path):
+    bad = tmp_path / "teacher.pth.tar"
+    bad.write_bytes(os.urandom(2048))
+    schedule = write_schedule(tmp_path, f"    boundaries: [pool1]\n    teacher: {bad}\n")
+    with pytest.raises(ValueError, match=r"teacher.pth.tar' cannot be loaded safely"):
+        distiller.file_config(lenet(), torch.optim.SGD(lenet().parameters(), lr=0.1), str(schedule))
+
+
+def test_a_teacher_with_another_number_of_classes_is_refused(tmp_path):
+    from distiller import apputils
+    other = lenet()
+    other.fc2 = torch.nn.Linear(500, 5)
+    apputils.save_checkpoint(0, "simplenet_mnist", other, dir=str(tmp_path))
+    schedule = write_schedule(tmp_path, f"    boundaries: [pool1]\n    teacher: {tmp_path / 'checkpoint.pth.tar'}\n")
+    with pytest.raises(ValueError, match=r"does not fit the model .*shape mismatch \['fc2.weight', 'fc2.bias'\]"):
+        distiller.file_config(lenet(), torch.optim.SGD(lenet().parameters(), lr=0.1), str(schedule))
+
+
+def _scheduler_from(tmp_path, text):
+    path = tmp_path / "schedule.yaml"
+    path.write_text(text)
+    model = lenet()
+    return model, distiller.file_config(model, torch.optim.SGD(model.parameters(), lr=0.1), str(path))
+
+
+POLICY_ONLY = """
+extensions:
+  dcq: {class: SectionalKDPolicy, boundaries: [pool1]}
+policies:
+  - extension: {instance_name: dcq}
+    starting_epoch: 0
+    ending_epoch: 2
+    frequency: FREQ
+"""
+
+
+def test_a_dcq_policy_without_a_quantizer_stops_before_training(tmp_path):
+    model, scheduler = _scheduler_from(tmp_path, POLICY_ONLY.replace("FREQ", "1"))
+    with pytest.raises(ValueError, match=r"found no quantizer on the model: declare one under quantizers:"):
+        scheduler.on_epoch_begin(0)
+
+
+def test_a_dcq_policy_scheduled_every_other_epoch_is_refused(tmp_path):
+    model, scheduler = _scheduler_from(tmp_path, POLICY_ONLY.replace("FREQ", "2"))
+    with pytest.raises(ValueError, match=r"needs frequency: 1"):
+        scheduler.on_epoch_begin(0)
+
+
+def test_a_yaml_class_typo_names_the_closest_classes(tmp_path):
+    with pytest.raises(ValueError, match=r"no class named 'SectionalKDPolcy'; did you mean SectionalKDPolicy"):
+        _scheduler_from(tmp_path, POLICY_ONLY.replace("FREQ", "1").replace("SectionalKDPolicy", "SectionalKDPolcy"))

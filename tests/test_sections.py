@@ -289,3 +289,10 @@ def test_a_dataparallel_student_on_cpu_takes_names_with_or_without_module_and_gi
         wrapped.train()(x)
         assert {k: v.item() for k, v in wiring.section_losses().items()} == expected
         wiring.merge()
+
+
+def test_a_module_the_forward_pass_never_calls_cannot_be_a_boundary():
+    model = LeNet()
+    model.unused = nn.ReLU()
+    with pytest.raises(ValueError, match=r"\['unused'\] never run in LeNet's forward pass"):
+        SectionWiring(model, copy.deepcopy(model), ["unused"], example_input=X)

@@ -2,8 +2,8 @@
 
 The only package that imports Distiller; ``distiller_dcq.engine`` never does.
 """
-from .compat import (patch_checkpoint_loading, patch_pandas_precision, patch_quantizer_prepare, patch_resumed_lr,
-                     patch_scheduler_state)
+from .compat import (patch_checkpoint_loading, patch_class_name_errors, patch_pandas_precision,
+                     patch_quantizer_prepare, patch_resumed_lr, patch_scheduler_state)
 from .policy import SectionalKDPolicy
 from .quantizer import DCQQuantizer
 
@@ -23,6 +23,7 @@ def register(distiller):
     patch_quantizer_prepare(quantizer_module)
     patch_resumed_lr(config, distiller.LRPolicy)
     patch_scheduler_state(distiller.CompressionScheduler)
+    patch_class_name_errors(config)
 
 
 __all__ = ["DCQQuantizer", "SectionalKDPolicy", "register", "YAML_CLASSES"]

@@ -4,9 +4,10 @@ Each patch is idempotent, does nothing on a stack that does not need it, and tou
 Distiller objects it fixes (Distiller's files are never edited). Numbers refer to
 ``distiller-on-modern-stack.md``.
 """
+import copy
+import difflib
 import functools
 import inspect
-import copy
 import random
 
 import numpy as np
@@ -226,3 +227,26 @@ def set_rng_state(state):
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
 
+
+
+# --- 6. clearer errors for YAML class names ---------------------------------------------------------
+
+def patch_class_name_errors(config_module):
+    """Distiller says only "Class named 'X' does not exist" for a YAML ``class:`` typo; also name the
+    closest classes it knows."""
+    if _is_patched(config_module.build_component):
+        return
+    original = config_module.build_component
+
+    @functools.wraps(original)
+    def build_component(model, name, user_args, **extra_args):
+        class_name = user_args.get("class")
+        known = [k for k, v in vars(config_module).items() if isinstance(v, type)]
+        if class_name is not None and class_name not in known:
+            close = difflib.get_close_matches(str(class_name), known, n=3, cutoff=0.6)
+            raise ValueError(f"YAML component {name!r}: no class named {class_name!r}"
+                             + (f"; did you mean {' or '.join(close)}?" if close else "")
+                             + " (DCQ's classes are DCQQuantizer and SectionalKDPolicy)")
+        return original(model, name, user_args, **extra_args)
+
+    config_module.build_component = _mark(build_component)
