@@ -2,8 +2,9 @@
 
 Every run uses the same FP teacher, data, optimizer, batch size, learning-rate schedule and number
 of epochs; only the schedule YAML (and, for the from-scratch baselines, not loading the teacher)
-differs. The four headline runs (DoReFa and DCQ, binary and ternary) repeat for every seed; the
-variants run with the first seed. Runs go one after another in this one process, a DoReFa run next
+differs. The headline runs (DoReFa and DCQ: binary, ternary, and binary with logits KD) repeat
+for every seed; the variants run with the first seed. Finished runs found in the work dir are
+reused (same command), so an interrupted benchmark continues where it stopped. Runs go one after another in this one process, a DoReFa run next
 to its DCQ run, so their epoch times compare side by side. Writes a markdown results file that
 names the command that made it.
 
@@ -11,6 +12,7 @@ names the command that made it.
 """
 import argparse
 import datetime
+import json
 import os
 import platform
 import re
@@ -37,10 +39,14 @@ class Run:
 
 
 RUNS = [
-    Run("dorefa_binary", "simplenet_mnist_dorefa_binary.yaml", headline=True, note="Distiller's DorefaQuantizer, 1 bit"),
-    Run("dcq_binary", "simplenet_mnist_dcq_binary.yaml", headline=True, note="parallel, 4 sections, MSE, 1 epoch; CE fine-tuning"),
-    Run("dorefa_ternary", "simplenet_mnist_dorefa_ternary.yaml", headline=True, note="DCQQuantizer ternary, no DCQ policy"),
-    Run("dcq_ternary", "simplenet_mnist_dcq_ternary.yaml", headline=True, note="parallel, 4 sections, MSE, 1 epoch; CE fine-tuning"),
+    Run("dorefa_binary", "simplenet_mnist_dorefa_binary.yaml", headline=True,
+        note="Distiller's DorefaQuantizer, 1 bit"),
+    Run("dcq_binary", "simplenet_mnist_dcq_binary.yaml", headline=True,
+        note="parallel, 4 sections, MSE, 1 epoch; CE fine-tuning"),
+    Run("dorefa_ternary", "simplenet_mnist_dorefa_ternary.yaml", headline=True,
+        note="DCQQuantizer ternary, no DCQ policy"),
+    Run("dcq_ternary", "simplenet_mnist_dcq_ternary.yaml", headline=True,
+        note="parallel, 4 sections, MSE, 1 epoch; CE fine-tuning"),
     Run("dorefa_binary_scratch", "simplenet_mnist_dorefa_binary.yaml", from_fp=False, note="random init"),
     Run("dorefa_ternary_scratch", "simplenet_mnist_dorefa_ternary.yaml", from_fp=False, note="random init"),
     Run("dorefa_binary_lr0.03", "simplenet_mnist_dorefa_binary.yaml", lr=0.03,
@@ -55,9 +61,17 @@ RUNS = [
         note="as dcq_binary with bare {-1,+1} weights (no per-layer scale)"),
     Run("kd_binary_whole_net", "simplenet_mnist_kd_binary_whole_net.yaml",
         note="ablation: 1 section (Poisson on the teacher's probabilities + labels) for every epoch"),
+    Run("dorefa_binary_kd", "simplenet_mnist_dorefa_binary_kd.yaml", headline=True,
+        note="baseline + Hinton KD from the same teacher (KL T=4 + labels), no sections"),
+    Run("dcq_binary_kd", "simplenet_mnist_dcq_binary_kd.yaml", headline=True,
+        note="parallel, 4 sections, MSE, 1 epoch; then KD fine-tuning (KL T=4 + labels)"),
 ]
 
-PAPER = {"binary": (96.7, 99.3), "ternary": (98.9, 99.8)}  # LeNet/MNIST DoReFa, DCQ (Table 1)
+# (row label, baseline run, DCQ run, paper's (DoReFa, DCQ) or None)
+PAIRS = [("binary", "dorefa_binary", "dcq_binary", (96.7, 99.3)),
+         ("ternary", "dorefa_ternary", "dcq_ternary", (98.9, 99.8)),
+         ("binary, both with logits KD", "dorefa_binary_kd", "dcq_binary_kd", None)]
+
 
 
 def compress_classifier_command(args, run, seed, out_dir):
@@ -108,7 +122,9 @@ def main():
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--only", nargs="*", help="run only these names: " + ", ".join(r.name for r in RUNS))
-    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/distiller_dcq_lenet_runs"))
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/distiller_dcq_lenet_runs"),
+                        help="logs and per-run results; finished runs found here are reused")
+    parser.add_argument("--rerun", action="store_true", help="run again even what the work dir has finished")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "lenet_mnist.md")
     args = parser.parse_args()
     if args.distiller_src is None:
@@ -125,16 +141,22 @@ def main():
 
 
 def measure(args, run, seed):
+    """Run one configuration, or reuse its finished result in the work dir (unless --rerun)."""
     out_dir = args.work_dir / f"{run.name}_seed{seed}"
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = compress_classifier_command(args, run, seed, out_dir)
+    cached = out_dir / "result.json"
+    if cached.exists() and not args.rerun and json.loads(cached.read_text())["cmd"] == [str(c) for c in cmd]:
+        print(f"[{time.strftime('%H:%M:%S')}] {run.name} seed {seed}: finished earlier, reusing {cached}", flush=True)
+        return json.loads(cached.read_text())
     print(f"[{time.strftime('%H:%M:%S')}] {run.name} seed {seed} ...", flush=True)
     rc, seconds, peak_mib, error = run_and_measure(cmd, out_dir / "stderr.txt")
     if rc != 0:
         print(f"    FAILED exit {rc}: {error}", flush=True)
         return {"failed": f"exit {rc}: {error}", "cmd": cmd}
     log = max(out_dir.glob(f"{run.name}_seed{seed}___*/*.log"), key=os.path.getmtime).read_text()
-    r = {**parse_log(log), "seconds": seconds, "peak_mib": peak_mib, "cmd": cmd}
+    r = {**parse_log(log), "seconds": seconds, "peak_mib": peak_mib, "cmd": [str(c) for c in cmd]}
+    cached.write_text(json.dumps(r))
     print(f"    test top-1 {r['test_top1']:.2f}  val {r['val_top1']}  train s/epoch "
           f"{[round(s) for s in r['train_seconds']]}  peak {peak_mib:.0f} MiB", flush=True)
     return r
@@ -160,29 +182,29 @@ def write_results(args, runs, results):
         f"validation split).", ""]
 
     ok = {k: v for k, v in results.items() if "failed" not in v}
-    pairs = [w for w in ("binary", "ternary")
-             if all((f"{m}_{w}", s) in ok for m in ("dorefa", "dcq") for s in seeds)]
+    pairs = [p for p in PAIRS if all((run, s) in ok for run in p[1:3] for s in seeds)]
     if pairs:
         lines += ["## DCQ vs DoReFa (same teacher, same epochs, same seeds)", "",
                   "| weights | DoReFa test top-1 | DCQ test top-1 | DCQ - DoReFa | DCQ wins | paper DoReFa / DCQ | "
                   "epoch time DCQ/DoReFa: section epoch | whole run | peak RSS MiB DoReFa / DCQ |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for w in pairs:
-            base = [ok[f"dorefa_{w}", s] for s in seeds]
-            dcq = [ok[f"dcq_{w}", s] for s in seeds]
+        for label, base_name, dcq_name, paper in pairs:
+            base = [ok[base_name, s] for s in seeds]
+            dcq = [ok[dcq_name, s] for s in seeds]
             stage = statistics.mean(d["train_seconds"][0] / b["train_seconds"][0] for b, d in zip(base, dcq))
             whole = statistics.mean(sum(d["train_seconds"]) / sum(b["train_seconds"]) for b, d in zip(base, dcq))
             wins = sum(d["test_top1"] > b["test_top1"] for b, d in zip(base, dcq))
             diff = [d["test_top1"] - b["test_top1"] for b, d in zip(base, dcq)]
             lines.append(
-                f"| {w} | {_mean_sd([b['test_top1'] for b in base])} | {_mean_sd([d['test_top1'] for d in dcq])} | "
-                f"{statistics.mean(diff):+.2f} | {wins} of {len(seeds)} | {PAPER[w][0]} / {PAPER[w][1]} | {stage:.2f} | "
-                f"{whole:.2f} | {max(b['peak_mib'] for b in base):.0f} / {max(d['peak_mib'] for d in dcq):.0f} |")
+                f"| {label} (`{base_name}` vs `{dcq_name}`) | {_mean_sd([b['test_top1'] for b in base])} | "
+                f"{_mean_sd([d['test_top1'] for d in dcq])} | {statistics.mean(diff):+.2f} | {wins} of {len(seeds)} | "
+                f"{' / '.join(map(str, paper)) if paper else '-'} | {stage:.2f} | {whole:.2f} | "
+                f"{max(b['peak_mib'] for b in base):.0f} / {max(d['peak_mib'] for d in dcq):.0f} |")
         lines += ["", "Mean ± standard deviation over seeds. Epoch-time ratios compare training epochs (validation "
-                  "excluded) of the DCQ and DoReFa runs of the same seed, run back to back: 'section epoch' is "
-                  "DCQ's epoch 0 (teacher forward + section losses) over DoReFa's epoch 0; 'whole run' includes "
-                  "DCQ's fine-tuning epochs. Peak RSS is the compress_classifier process's maximum resident memory.",
-                  ""]
+                  "excluded) of the DCQ and baseline runs of the same seed, run back to back: 'section epoch' is "
+                  "DCQ's epoch 0 (teacher forward + section losses) over the baseline's epoch 0; 'whole run' "
+                  "includes the fine-tuning epochs. Peak RSS is the compress_classifier process's maximum resident "
+                  "memory.", ""]
 
     lines += ["## Every run", "",
               "| run | seed | init | test top-1 | val top-1 per epoch | stitched val top-1 at merge | "
