@@ -43,5 +43,7 @@ def run_compress_classifier(out_dir, *args, train_size="0.02", env=None):
            "-j", "0", "-b", "64", "--lr", "0.01", "--momentum", "0.9", "--wd", "0", "--vs", "0.1", "--seed", "0",
            "--effective-train-size", train_size, "--effective-valid-size", "0.05", "--effective-test-size", "0.02",
            "--out-dir", str(out_dir), "--print-freq", "5", *map(str, args)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)  # also the cwd: Distiller writes latest_log_* links there
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600,
+                          cwd=out_dir)
     return done.returncode, done.stdout + done.stderr
