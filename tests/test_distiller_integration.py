@@ -372,3 +372,38 @@ def test_a_dcq_policy_scheduled_every_other_epoch_is_refused(tmp_path):
 def test_a_yaml_class_typo_names_the_closest_classes(tmp_path):
     with pytest.raises(ValueError, match=r"no class named 'SectionalKDPolcy'; did you mean SectionalKDPolicy"):
         _scheduler_from(tmp_path, POLICY_ONLY.replace("FREQ", "1").replace("SectionalKDPolicy", "SectionalKDPolcy"))
+
+
+# --- CIFAR-10 from image folders -------------------------------------------------------------------
+
+def test_distillers_cifar10_loader_reads_the_image_folder_copy_with_its_own_transforms():
+    from conftest import SHARED
+    cifar = SHARED / "data" / "cifar10-jpeg"
+    if not (cifar / "test" / "truck").is_dir():
+        pytest.skip(f"{cifar} is missing")
+    from distiller.apputils import data_loaders
+    train, test = data_loaders.cifar10_get_datasets(str(cifar))
+    assert (len(train), len(test)) == (50000, 10000)
+    assert test.classes[0] == "airplane" and test.targets[-1] == 9
+    image, label = test[0]
+    assert image.shape == (3, 32, 32) and label == 0 and image.min() >= -1 and image.max() <= 1
+    assert repr(train.transform).count("RandomCrop(size=(32, 32), padding=4)") == 1
+
+
+def test_only_image_folders_leave_distillers_own_cifar10_loader(tmp_path):
+    from distiller_dcq.adapter.datasets import is_image_folder_layout
+    from conftest import SHARED
+    (tmp_path / "cifar-10-batches-py").mkdir()  # torchvision's layout: Distiller's loader reads it
+    assert not is_image_folder_layout(str(tmp_path))
+    assert is_image_folder_layout(str(SHARED / "data" / "cifar10-jpeg"))
+
+
+def test_image_folders_with_other_classes_are_named(tmp_path):
+    from PIL import Image
+    from distiller.apputils import data_loaders
+    for split in ("train", "test"):
+        for cls in ("cats", "dogs"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("RGB", (32, 32)).save(tmp_path / split / cls / "0.png")
+    with pytest.raises(ValueError, match=r"has class folders \['cats', 'dogs'\]; CIFAR-10 in image folders needs"):
+        data_loaders.cifar10_get_datasets(str(tmp_path))

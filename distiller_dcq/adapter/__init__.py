@@ -4,6 +4,7 @@ The only package that imports Distiller; ``distiller_dcq.engine`` never does.
 """
 from .compat import (patch_checkpoint_loading, patch_class_name_errors, patch_pandas_precision,
                      patch_quantizer_prepare, patch_resumed_lr, patch_scheduler_state)
+from .datasets import patch_cifar10_image_folders
 from .policy import SectionalKDPolicy
 from .quantizer import DCQQuantizer
 
@@ -13,6 +14,7 @@ YAML_CLASSES = (DCQQuantizer, SectionalKDPolicy)
 def register(distiller):
     """Make our classes resolvable as YAML ``class:`` names and apply the compat patches."""
     import distiller.apputils.checkpoint as checkpoint_module
+    import distiller.apputils.data_loaders as data_loaders
     import distiller.config as config
     import distiller.model_summaries as model_summaries
     import distiller.quantization.quantizer as quantizer_module
@@ -24,6 +26,7 @@ def register(distiller):
     patch_resumed_lr(config, distiller.LRPolicy)
     patch_scheduler_state(distiller.CompressionScheduler)
     patch_class_name_errors(config)
+    patch_cifar10_image_folders(data_loaders)
 
 
 __all__ = ["DCQQuantizer", "SectionalKDPolicy", "register", "YAML_CLASSES"]

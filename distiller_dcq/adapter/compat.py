@@ -21,7 +21,7 @@ RESUMED_POLICY_STATES = "distiller_dcq_resumed_policies"  # model attribute: our
 POLICY_STATES_KEY = "distiller_dcq_policies"  # key of those states in Distiller's 'compression_sched' state
 
 
-def _mark(fn):
+def _mark(fn):  # every patch marks what it installs, so that applying it twice is a no-op
     setattr(fn, PATCHED, True)
     return fn
 
