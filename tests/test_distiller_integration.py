@@ -407,3 +407,25 @@ def test_image_folders_with_other_classes_are_named(tmp_path):
             Image.new("RGB", (32, 32)).save(tmp_path / split / cls / "0.png")
     with pytest.raises(ValueError, match=r"has class folders \['cats', 'dogs'\]; CIFAR-10 in image folders needs"):
         data_loaders.cifar10_get_datasets(str(tmp_path))
+
+
+# --- SVHN inside Distiller -------------------------------------------------------------------------
+
+def test_distiller_creates_the_svhn_network_and_loads_svhn_with_its_usual_split(tmp_path):
+    from functools import partial
+    from distiller.apputils import data_loaders
+    from distiller_dcq.adapter.datasets import svhn_get_datasets
+    from test_svhn import write_svhn
+    import distiller.apputils as apputils
+    model = create_model(False, "svhn", "svhn_dorefa", parallel=False, device_ids=-1)
+    assert model.input_shape == (1, 3, 40, 40) and apputils.classification_dataset_str_from_arch("svhn_dorefa") == \
+        "svhn" and apputils.classification_num_classes("svhn") == 10
+    write_svhn(tmp_path, "train", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10] * 2)
+    write_svhn(tmp_path, "test", [10, 1, 2, 3])
+    train, valid, test, _ = data_loaders.get_data_loaders(partial(svhn_get_datasets, verify=False), str(tmp_path),
+                                                          batch_size=4, num_workers=0, validation_split=0.1)
+    images, labels = next(iter(train))
+    assert images.shape == (4, 3, 40, 40) and len(valid.sampler) == 2 and len(test.dataset) == 4
+    assert model(images).shape == (4, 10)
+    with pytest.raises(ValueError, match=r"the official train_32x32.mat has 182040794"):
+        apputils.load_data("svhn", "svhn_dorefa", str(tmp_path), batch_size=4, workers=0)

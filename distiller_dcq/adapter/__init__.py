@@ -4,7 +4,7 @@ The only package that imports Distiller; ``distiller_dcq.engine`` never does.
 """
 from .compat import (patch_checkpoint_loading, patch_class_name_errors, patch_pandas_precision,
                      patch_quantizer_prepare, patch_resumed_lr, patch_scheduler_state)
-from .datasets import patch_cifar10_image_folders
+from .datasets import patch_cifar10_image_folders, register_svhn
 from .policy import SectionalKDPolicy
 from .quantizer import DCQQuantizer
 
@@ -27,6 +27,7 @@ def register(distiller):
     patch_scheduler_state(distiller.CompressionScheduler)
     patch_class_name_errors(config)
     patch_cifar10_image_folders(data_loaders)
+    register_svhn(data_loaders, distiller.apputils, distiller.models)
 
 
 __all__ = ["DCQQuantizer", "SectionalKDPolicy", "register", "YAML_CLASSES"]

@@ -1,9 +1,11 @@
-"""Datasets for compress_classifier beyond what Distiller reads: CIFAR-10 stored as image folders."""
+"""Data and networks for compress_classifier beyond Distiller's: CIFAR-10 stored as image folders,
+and SVHN with DoReFa-Net's SVHN network."""
 import functools
 import os
 
 from torchvision import datasets, transforms
 
+from ..svhn import SVHN_INPUT_SIZE, SVHNDigits, SVHNDoReFaNet
 from .compat import _is_patched, _mark
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -47,3 +49,63 @@ def patch_cifar10_image_folders(data_loaders):
         return original(data_dir, load_train, load_test)
 
     data_loaders.cifar10_get_datasets = _mark(cifar10_get_datasets)
+
+
+# --- SVHN: a dataset and a network Distiller does not have ---------------------------------------------
+
+SVHN = "svhn"
+SVHN_MODELS = {"svhn_dorefa": SVHNDoReFaNet}
+
+
+def svhn_get_datasets(data_dir, load_train=True, load_test=True, verify=True):
+    """SVHN for Distiller's ``load_data`` (which splits train/validation as for every dataset):
+    resized to 40x40 as in DoReFa-Net, pixels in [0, 1] (DoReFa-Net divides by 256). The files are
+    checked against the official sizes and md5s unless ``verify=False``."""
+    transform = transforms.Compose([transforms.Resize((SVHN_INPUT_SIZE, SVHN_INPUT_SIZE)), transforms.ToTensor()])
+    return (SVHNDigits(data_dir, "train", transform, verify) if load_train else None,
+            SVHNDigits(data_dir, "test", transform, verify) if load_test else None)
+
+
+def _create_svhn_model(pretrained, arch, parallel, device_ids):
+    import torch
+    from distiller.utils import set_model_input_shape_attr
+    if arch not in SVHN_MODELS:
+        raise ValueError(f"no SVHN network named {arch!r}; SVHN networks: {', '.join(SVHN_MODELS)}")
+    if pretrained:
+        raise ValueError(f"there are no pretrained weights for {arch}: drop --pretrained")
+    model = SVHN_MODELS[arch]()
+    on_gpu = torch.cuda.is_available() and device_ids != -1
+    if on_gpu and parallel:
+        model = torch.nn.DataParallel(model, device_ids=device_ids)
+    model.is_parallel = on_gpu and parallel
+    set_model_input_shape_attr(model, input_shape=(1, 3, SVHN_INPUT_SIZE, SVHN_INPUT_SIZE))
+    model.arch, model.dataset = arch, SVHN
+    return model.to("cuda" if on_gpu else "cpu")
+
+
+def register_svhn(data_loaders, apputils, models):
+    """Teach Distiller the ``svhn`` dataset (inferred from ``--arch svhn_*``) and its networks.
+    Functions are replaced where they are defined and where they are re-exported."""
+    if SVHN in data_loaders.DATASETS_NAMES:
+        return
+    data_loaders.DATASETS_NAMES.append(SVHN)
+    models.SUPPORTED_DATASETS = tuple(models.SUPPORTED_DATASETS) + (SVHN,)
+    models.ALL_MODEL_NAMES.extend(sorted(SVHN_MODELS))
+
+    def extend(module, name, handles, ours):
+        original = getattr(module, name)
+        extended = _mark(functools.wraps(original)(
+            lambda *args, **kwargs: ours(*args, **kwargs) if handles(*args, **kwargs) else original(*args, **kwargs)))
+        for namespace in (module, apputils):
+            if getattr(namespace, name, None) is original:
+                setattr(namespace, name, extended)
+
+    extend(data_loaders, "classification_dataset_str_from_arch", lambda arch: SVHN in arch, lambda arch: SVHN)
+    extend(data_loaders, "classification_num_classes", lambda dataset: dataset == SVHN, lambda dataset: 10)
+    extend(data_loaders, "classification_get_input_shape", lambda dataset: dataset == SVHN,
+           lambda dataset: (1, 3, SVHN_INPUT_SIZE, SVHN_INPUT_SIZE))
+    extend(data_loaders, "__dataset_factory", lambda dataset, arch: dataset == SVHN,
+           lambda dataset, arch: svhn_get_datasets)
+    extend(models, "create_model", lambda pretrained, dataset, arch, *a, **k: dataset.lower() == SVHN,
+           lambda pretrained, dataset, arch, parallel=True, device_ids=None:
+           _create_svhn_model(pretrained, arch, parallel, device_ids))
