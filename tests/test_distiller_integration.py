@@ -6,11 +6,12 @@ import subprocess
 import sys
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import LENET_TEACHER, ROOT
-from distiller_env import import_distiller, run_compress_classifier
+from distiller_env import compress_classifier_script, import_distiller, run_compress_classifier
 
 distiller = import_distiller()
 from distiller.models import create_model  # noqa: E402
@@ -429,3 +430,30 @@ def test_distiller_creates_the_svhn_network_and_loads_svhn_with_its_usual_split(
     assert model(images).shape == (4, 10)
     with pytest.raises(ValueError, match=r"the official train_32x32.mat has 182040794"):
         apputils.load_data("svhn", "svhn_dorefa", str(tmp_path), batch_size=4, workers=0)
+
+
+# --- the schedules of the other networks, through Distiller's own training loop ----------------------
+
+@pytest.mark.parametrize("schedule", sorted(p.name for p in SCHEDULES.glob("*.yaml")
+                                            if not p.name.startswith("simplenet_mnist")))
+def test_every_network_schedule_trains_a_few_minibatches_in_distillers_loop(schedule, monkeypatch):
+    monkeypatch.syspath_prepend(str(compress_classifier_script().parent))  # image_classifier imports its parser.py
+    import distiller.apputils.image_classifier as classifier
+    from distiller.data_loggers import NullLogger
+    arch = schedule.split("_dorefa_")[0].split("_dcq_")[0] if not schedule.startswith("svhn_dorefa") else "svhn_dorefa"
+    args = classifier.ClassifierCompressor.mock_args()
+    args.arch, args.device, args.dataset = arch, "cpu", "svhn" if arch.startswith("svhn") else "cifar10"
+    torch.manual_seed(0)
+    model = create_model(False, args.dataset, arch, parallel=False, device_ids=-1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    scheduler = distiller.file_config(model, optimizer, str(SCHEDULES / schedule))
+    shape = model.input_shape[1:]
+    data = torch.utils.data.TensorDataset(torch.randn(16, *shape), torch.randint(0, 10, (16,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    scheduler.on_epoch_begin(0)
+    top1, _, overall_loss = classifier.train(loader, model, torch.nn.CrossEntropyLoss(), optimizer, 0, scheduler,
+                                             [NullLogger()], args)
+    scheduler.on_epoch_end(0, optimizer, metrics={"min": overall_loss.mean, "max": top1})
+    assert np.isfinite(overall_loss.mean) and overall_loss.n == 2  # two minibatches
+    quantized = [m for m in model.modules() if hasattr(m, "float_weight")]
+    assert quantized and all(m.weight.abs().unique().numel() <= 2 for m in quantized)  # {a} or {0, a}
