@@ -27,6 +27,7 @@ setup(
     packages=find_packages(include=["distiller_dcq", "distiller_dcq.*"]),
     python_requires=">=3.8",
     install_requires=["torch>=1.3", "numpy", "pyyaml"],
-    extras_require={"test": ["pytest", "torchvision", "scipy"], "svhn": ["scipy"]},
+    extras_require={"test": ["pytest", "torchvision", "scipy", "matplotlib"], "svhn": ["scipy"],
+                    "report": ["matplotlib"]},
     cmdclass={"build_py": BuildPyWithPth},
 )

@@ -457,3 +457,34 @@ def test_every_network_schedule_trains_a_few_minibatches_in_distillers_loop(sche
     assert np.isfinite(overall_loss.mean) and overall_loss.n == 2  # two minibatches
     quantized = [m for m in model.modules() if hasattr(m, "float_weight")]
     assert quantized and all(m.weight.abs().unique().numel() <= 2 for m in quantized)  # {a} or {0, a}
+
+
+# --- kernel diagnostics ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["binary", "ternary"])
+def test_kernel_diagnostics_on_a_real_checkpoint(tmp_path, mode):
+    from distiller import apputils
+    from distiller_dcq.report.kernels import write_report
+    model = lenet()
+    apputils.load_lean_checkpoint(model, str(LENET_TEACHER))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    quantizer = DCQQuantizer(model, optimizer, weight_mode=mode)
+    quantizer.prepare_model()
+    quantizer.quantize_params()
+    untrained = tmp_path / "untrained"
+    untrained.mkdir()
+    apputils.save_checkpoint(0, "simplenet_mnist", model, dir=str(untrained))
+    layers = write_report(str(LENET_TEACHER), str(untrained / "checkpoint.pth.tar"), str(tmp_path / "report0"))
+    assert all(torch.equal(t["trained"], t["direct"]) for t in layers.values())  # nothing trained, nothing altered
+
+    with torch.no_grad():  # one large step: some weights cross a threshold
+        model.fc1.float_weight.add_(torch.randn_like(model.fc1.float_weight) * model.fc1.float_weight.abs().mean())
+    quantizer.quantize_params()
+    apputils.save_checkpoint(1, "simplenet_mnist", model, dir=str(tmp_path))
+    out = tmp_path / "report1"
+    layers = write_report(str(LENET_TEACHER), str(tmp_path / "checkpoint.pth.tar"), str(out), layer="conv2")
+    altered = (layers["fc1"]["trained"] != layers["fc1"]["direct"]).float().mean().item()
+    assert 0.05 < altered < 0.95 and torch.equal(layers["conv1"]["trained"], layers["conv1"]["direct"])
+    table = (out / "kernels.md").read_text()
+    assert f"| fc1 | 400000 | {int(altered * 400000 + 0.5)} | {altered:.4f} |" in table and f"({mode} weights)" in table
+    assert (out / "altered_magnitudes.png").stat().st_size > 5000 and (out / "kernels_conv2.png").stat().st_size > 5000

@@ -1,0 +1,1 @@
+"""Reports on DCQ runs: kernel diagnostics."""
