@@ -12,17 +12,16 @@ names the command that made it.
 """
 import argparse
 import datetime
-import json
 import os
 import platform
-import re
 import shlex
 import statistics
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+from distiller_dcq.report.runs import run_compress_classifier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -75,42 +74,13 @@ PAIRS = [("binary", "dorefa_binary", "dcq_binary", (96.7, 99.3)),
 
 
 def compress_classifier_command(args, run, seed, out_dir):
-    cmd = [sys.executable, str(args.distiller_src / "examples" / "classifier_compression" / "compress_classifier.py"),
+    cmd = [sys.executable, str(args.distiller_src.resolve() / "examples" / "classifier_compression" / "compress_classifier.py"),
            "--arch", "simplenet_mnist", str(args.mnist), "--cpu", "-j", "0", "-b", "128", "--lr", str(run.lr),
            "--momentum", "0.9", "--wd", "0", "--epochs", str(args.epochs), "--vs", "0.1", "--seed", str(seed),
            "--compress", str(ROOT / "schedules" / run.schedule), "--out-dir", str(out_dir), "--name", f"{run.name}_seed{seed}"]
     if run.from_fp:
         cmd += ["--exp-load-weights-from", str(args.teacher)]
     return cmd
-
-
-def run_and_measure(cmd, stderr_path):
-    """Run ``cmd`` (stderr to ``stderr_path``); return (returncode, seconds, peak RSS in MiB of that
-    process alone, last stderr line)."""
-    start = time.time()
-    with open(stderr_path, "w") as stderr:
-        process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr)
-        _, status, usage = os.wait4(process.pid, 0)
-    lines = Path(stderr_path).read_text().strip().splitlines()
-    return os.waitstatus_to_exitcode(status), time.time() - start, usage.ru_maxrss / 1024, \
-        (lines or ["no message"])[-1]
-
-
-STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - "
-
-
-def _seconds(stamp):
-    return datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
-
-
-def parse_log(text):
-    """Per-epoch validation top-1 and training time, the final test top-1, DCQ merge messages."""
-    starts = [_seconds(s) for s in re.findall(STAMP + r"Training epoch:", text, re.M)]
-    ends = [_seconds(s) for s in re.findall(STAMP + r"--- validate \(epoch=\d+\)", text, re.M)]
-    top1 = [float(v) for v in re.findall(r"==> Top1: ([\d.]+)", text)]
-    stitched = re.findall(r"stitched network validation Top1: ([\d.]+)", text)
-    return {"train_seconds": [e - s for s, e in zip(starts, ends)], "val_top1": top1[:-1], "test_top1": top1[-1],
-            "stitched_top1": [float(s) for s in stitched]}
 
 
 def main():
@@ -127,6 +97,7 @@ def main():
     parser.add_argument("--rerun", action="store_true", help="run again even what the work dir has finished")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "lenet_mnist.md")
     args = parser.parse_args()
+    args.mnist, args.teacher, args.work_dir = args.mnist.resolve(), args.teacher.resolve(), args.work_dir.resolve()
     if args.distiller_src is None:
         parser.error("give --distiller-src (or set DISTILLER_SRC) to Distiller's source directory")
     runs = [r for r in RUNS if not args.only or r.name in args.only]
@@ -141,25 +112,10 @@ def main():
 
 
 def measure(args, run, seed):
-    """Run one configuration, or reuse its finished result in the work dir (unless --rerun)."""
-    out_dir = args.work_dir / f"{run.name}_seed{seed}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = compress_classifier_command(args, run, seed, out_dir)
-    cached = out_dir / "result.json"
-    if cached.exists() and not args.rerun and json.loads(cached.read_text())["cmd"] == [str(c) for c in cmd]:
-        print(f"[{time.strftime('%H:%M:%S')}] {run.name} seed {seed}: finished earlier, reusing {cached}", flush=True)
-        return json.loads(cached.read_text())
-    print(f"[{time.strftime('%H:%M:%S')}] {run.name} seed {seed} ...", flush=True)
-    rc, seconds, peak_mib, error = run_and_measure(cmd, out_dir / "stderr.txt")
-    if rc != 0:
-        print(f"    FAILED exit {rc}: {error}", flush=True)
-        return {"failed": f"exit {rc}: {error}", "cmd": cmd}
-    log = max(out_dir.glob(f"{run.name}_seed{seed}___*/*.log"), key=os.path.getmtime).read_text()
-    r = {**parse_log(log), "seconds": seconds, "peak_mib": peak_mib, "cmd": [str(c) for c in cmd]}
-    cached.write_text(json.dumps(r))
-    print(f"    test top-1 {r['test_top1']:.2f}  val {r['val_top1']}  train s/epoch "
-          f"{[round(s) for s in r['train_seconds']]}  peak {peak_mib:.0f} MiB", flush=True)
-    return r
+    """One configuration and seed, or its finished result from the work dir (unless --rerun)."""
+    name = f"{run.name}_seed{seed}"
+    return run_compress_classifier(compress_classifier_command(args, run, seed, args.work_dir / name),
+                                   args.work_dir / name, name, args.rerun, log=lambda m: print(m, flush=True))
 
 
 def _mean_sd(values):

@@ -12,7 +12,6 @@ import hashlib
 import os
 
 import numpy as np
-import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 

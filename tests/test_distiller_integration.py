@@ -1,5 +1,4 @@
 """Against a real Distiller: YAML -> file_config -> scheduler -> compress_classifier's training loop."""
-import copy
 import os
 import pickle
 import subprocess
@@ -488,3 +487,33 @@ def test_kernel_diagnostics_on_a_real_checkpoint(tmp_path, mode):
     table = (out / "kernels.md").read_text()
     assert f"| fc1 | 400000 | {int(altered * 400000 + 0.5)} | {altered:.4f} |" in table and f"({mode} weights)" in table
     assert (out / "altered_magnitudes.png").stat().st_size > 5000 and (out / "kernels_conv2.png").stat().st_size > 5000
+
+
+# --- the reproduction command ----------------------------------------------------------------------
+
+def test_reproduce_writes_table_csv_and_plots_from_real_logs_and_reuses_finished_runs(tmp_path):
+    import csv as csv_module
+    from distiller_env import compress_classifier_script
+    from conftest import MNIST_DIR
+    distiller_src = compress_classifier_script().parents[2]
+    cmd = [sys.executable, "-m", "distiller_dcq.report.reproduce", "--distiller-src", str(distiller_src),
+           "--networks", "simplenet_mnist", "--weights", "binary", "--epochs", "1", "--train-size", "0.01",
+           "--data", f"simplenet_mnist={MNIST_DIR}", "--teacher", f"simplenet_mnist={LENET_TEACHER}",
+           "--ablations", "--sections", "2", "--losses", "kl", "--out", str(tmp_path / "out")]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=str(ROOT))
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    out = tmp_path / "out"
+    results = {row["run"]: row for row in csv_module.DictReader(open(out / "results.csv"))}
+    assert set(results) == {"simplenet_mnist_dorefa_binary", "simplenet_mnist_dcq_binary",
+                            "simplenet_mnist_dcq_binary_2sections", "simplenet_mnist_dcq_binary_kl"}
+    log = next((out / "runs" / "simplenet_mnist_dcq_binary").glob("*/*.log")).read_text()
+    assert float(results["simplenet_mnist_dcq_binary"]["test_top1"]) == float(log.split("--- test ---")[1].split(
+        "==> Top1: ")[1].split()[0])
+    table = (out / "results.md").read_text()
+    dorefa, dcq = (float(results[f"simplenet_mnist_{m}_binary"]["test_top1"]) for m in ("dorefa", "dcq"))
+    assert f"| simplenet_mnist | {dorefa:.2f} / 96.7 | {dcq:.2f} / 99.3 | 99.9 |" in table
+    assert "num_sections: 2" in (out / "schedules" / "simplenet_mnist_dcq_binary_2sections.yaml").read_text()
+    for png in ("convergence_simplenet_mnist.png", "sections.png", "losses.png"):
+        assert (out / png).stat().st_size > 5000
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(ROOT))
+    assert again.returncode == 0 and again.stdout.count("finished earlier, reusing") == 4

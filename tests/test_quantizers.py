@@ -1,6 +1,5 @@
 import pytest
 import torch
-import torch.nn as nn
 
 from distiller_dcq.engine.quantizers import (BinaryWeights, DorefaWeights, TernaryWeights, make_weight_quantizer,
                                              quantize_weights_)
