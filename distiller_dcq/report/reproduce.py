@@ -134,6 +134,7 @@ def plot(args, results):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     def curves(path, title, named):
         fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -142,6 +143,7 @@ def plot(args, results):
             if r.get("val_top1"):
                 ax.plot(range(len(r["val_top1"])), r["val_top1"], marker="o", label=label)
         ax.set(title=title, xlabel="epoch", ylabel="validation top-1 (%)")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
