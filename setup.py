@@ -26,7 +26,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["distiller_dcq", "distiller_dcq.*"]),
     python_requires=">=3.8",
-    install_requires=["torch>=1.3", "numpy", "pyyaml"],
+    install_requires=["torch>=2.1", "numpy", "pyyaml"],
     extras_require={"test": ["pytest", "torchvision", "scipy", "matplotlib"], "svhn": ["scipy"],
                     "report": ["matplotlib"]},
     cmdclass={"build_py": BuildPyWithPth},
