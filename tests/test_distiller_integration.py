@@ -517,3 +517,12 @@ def test_reproduce_writes_table_csv_and_plots_from_real_logs_and_reuses_finished
         assert (out / png).stat().st_size > 5000
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(ROOT))
     assert again.returncode == 0 and again.stdout.count("finished earlier, reusing") == 4
+
+
+def test_a_dcq_window_after_the_last_training_epoch_stops_the_run_before_training(tmp_path):
+    schedule = write_schedule(tmp_path, "    boundaries: [pool1]\n")
+    schedule.write_text(schedule.read_text().replace("instance_name: dcq\n    starting_epoch: 0\n    ending_epoch: 1",
+                                                     "instance_name: dcq\n    starting_epoch: 3\n    ending_epoch: 4"))
+    rc, log = run_compress_classifier(tmp_path, "--epochs", "2", "--compress", schedule, train_size="0.01")
+    assert rc != 0 and "is scheduled for epochs 3-3, but training stops after epoch 1 (--epochs 2)" in log
+    assert "Overall Loss" not in log

@@ -2,7 +2,8 @@
 
 The only package that imports Distiller; ``distiller_dcq.engine`` never does.
 """
-from .compat import (patch_checkpoint_loading, patch_class_name_errors, patch_pandas_precision,
+from .._hooks import when_imported
+from .compat import (patch_checkpoint_loading, patch_class_name_errors, patch_pandas_precision, patch_policy_windows,
                      patch_quantizer_prepare, patch_resumed_lr, patch_scheduler_state)
 from .datasets import patch_cifar10_image_folders, register_svhn
 from .policy import SectionalKDPolicy
@@ -28,6 +29,8 @@ def register(distiller):
     patch_class_name_errors(config)
     patch_cifar10_image_folders(data_loaders)
     register_svhn(data_loaders, distiller.apputils, distiller.models)
+    # image_classifier imports compress_classifier's own parser.py: patch it only when an application loads it
+    when_imported("distiller.apputils.image_classifier", lambda module: patch_policy_windows(module, SectionalKDPolicy))
 
 
 __all__ = ["DCQQuantizer", "SectionalKDPolicy", "register", "YAML_CLASSES"]

@@ -8,6 +8,7 @@ import copy
 import difflib
 import functools
 import inspect
+import logging
 import random
 
 import numpy as np
@@ -63,18 +64,14 @@ def patch_pandas_precision(model_summaries):
     model_summaries.pd = _PandasWithPrecisionAlias(pd)
 
 
-# --- 2. torch >= 2.6 weights_only, and 3. restoring quantized checkpoints ------------------------------
-
-def _torch_loads_weights_only_by_default():
-    major, minor = (int(p) for p in torch.__version__.split(".")[:2])
-    return (major, minor) >= (2, 6)
-
+# --- 2. weights-only checkpoint loading, and 3. restoring quantized checkpoints ----------------------------
 
 class _TorchForDistillerCheckpoints:
     """``torch`` as ``distiller.apputils.checkpoint`` sees it. Its ``load``:
 
-    - under torch >= 2.6 (``weights_only=True``), allows exactly the classes Distiller checkpoints
-      reference (``distiller_checkpoint_globals``), never ``weights_only=False``;
+    - always loads with ``weights_only=True`` (torch >= 2.6's default; older torch would unpickle
+      anything), allowing exactly the classes Distiller checkpoints reference
+      (``distiller_checkpoint_globals``): a checkpoint can never run code when loaded;
     - makes ``quantizer_metadata['type']`` rebuildable: Distiller calls it without the ``optimizer``
       its DoReFa-family quantizers require (Distiller issues #367, #536), so it gets a placeholder one
       (training builds its own), and the rebuilt quantizer is remembered on the model.
@@ -84,10 +81,8 @@ class _TorchForDistillerCheckpoints:
         self._torch = torch_module
 
     def load(self, *args, **kwargs):
-        if _torch_loads_weights_only_by_default():
-            with torch.serialization.safe_globals(distiller_checkpoint_globals()):
-                checkpoint = self._torch.load(*args, **kwargs)
-        else:
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(distiller_checkpoint_globals()):
             checkpoint = self._torch.load(*args, **kwargs)
         metadata = checkpoint.get("quantizer_metadata") if isinstance(checkpoint, dict) else None
         if metadata and isinstance(metadata.get("type"), type):
@@ -250,3 +245,32 @@ def patch_class_name_errors(config_module):
         return original(model, name, user_args, **extra_args)
 
     config_module.build_component = _mark(build_component)
+
+
+# --- 7. policy windows that training never reaches ----------------------------------------------------
+
+def patch_policy_windows(image_classifier, policy_cls):
+    """After compress_classifier builds its scheduler, refuse a DCQ policy whose epoch window starts
+    after the last training epoch (it would silently never run); one that ends after it is allowed
+    (the run stops mid-stage, to be resumed) and logged."""
+    if _is_patched(image_classifier._init_learner):
+        return
+    original = image_classifier._init_learner
+
+    @functools.wraps(original)
+    def _init_learner(args):
+        model, scheduler, optimizer, start_epoch, ending_epoch = original(args)
+        for policy, meta in (scheduler.sched_metadata.items() if scheduler else []):
+            if not isinstance(policy, policy_cls):
+                continue
+            window = f"epochs {meta['starting_epoch']}-{meta['ending_epoch'] - 1}"
+            if meta["starting_epoch"] >= ending_epoch:
+                raise ValueError(f"DCQ policy {policy.name!r} is scheduled for {window}, but training stops after "
+                                 f"epoch {ending_epoch - 1} (--epochs {ending_epoch}): it would never run; start its "
+                                 f"window earlier, or train for more epochs")
+            if meta["ending_epoch"] > ending_epoch:
+                logging.getLogger().info("DCQ %s: its stage (%s) continues after this run's last epoch %d; resume "
+                                         "with --resume-from to finish it", policy.name, window, ending_epoch - 1)
+        return model, scheduler, optimizer, start_epoch, ending_epoch
+
+    image_classifier._init_learner = _mark(_init_learner)
