@@ -96,6 +96,7 @@ def main():
                         help="logs and per-run results; finished runs found here are reused")
     parser.add_argument("--rerun", action="store_true", help="run again even what the work dir has finished")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "lenet_mnist.md")
+    parser.add_argument("--note", default="", help="a remark for the results file (e.g. on the machine's load)")
     args = parser.parse_args()
     args.mnist, args.teacher, args.work_dir = args.mnist.resolve(), args.teacher.resolve(), args.work_dir.resolve()
     if args.distiller_src is None:
@@ -135,7 +136,7 @@ def write_results(args, runs, results):
         f"weight decay, ExponentialLR gamma 0.6 (in the YAML), batch 128; from the FP teacher "
         f"`{args.teacher.name}` (test top-1 99.42) unless marked scratch. Test top-1 is measured once, on the "
         f"network after the last epoch. Seeds: {', '.join(map(str, seeds))} (`--seed`, which also draws the "
-        f"validation split).", ""]
+        f"validation split).", ""] + ([f"**Note:** {args.note}", ""] if args.note else [])
 
     ok = {k: v for k, v in results.items() if "failed" not in v}
     pairs = [p for p in PAIRS if all((run, s) in ok for run in p[1:3] for s in seeds)]
