@@ -364,12 +364,12 @@ class SectionWiring:
         if set(self._student_out) != set(self.section_names):
             raise RuntimeError("no wired forward to take section losses from: call split(), put the student in "
                                "training mode and run it on a batch first")
-        losses = OrderedDict()
-        for name in self.trained_sections:
-            student, teacher = self._gathered_student_out(name), self._teacher_out[name]
-            loss = self.loss_fn(student, teacher, logits=(name == OUTPUT), temperature=self.temperature)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"section '{name}' {self.loss_name} loss is {loss.item()}: check the "
-                                         f"learning rate and the inputs for NaN/inf")
-            losses[name] = loss
+        losses = OrderedDict(
+            (name, self.loss_fn(self._gathered_student_out(name), self._teacher_out[name], logits=(name == OUTPUT),
+                                temperature=self.temperature))
+            for name in self.trained_sections)
+        if not bool(torch.isfinite(torch.stack(list(losses.values()))).all()):  # one host sync per step
+            name, loss = next((n, v) for n, v in losses.items() if not torch.isfinite(v))
+            raise FloatingPointError(f"section '{name}' {self.loss_name} loss is {loss.item()}: check the "
+                                     f"learning rate and the inputs for NaN/inf")
         return losses
