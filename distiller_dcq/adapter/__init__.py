@@ -27,7 +27,7 @@ def register(distiller):
     patch_resumed_lr(config, distiller.LRPolicy)
     patch_scheduler_state(distiller.CompressionScheduler)
     patch_class_name_errors(config)
-    patch_cifar10_image_folders(data_loaders)
+    patch_cifar10_image_folders(data_loaders, distiller.apputils)
     register_svhn(data_loaders, distiller.apputils, distiller.models)
     # image_classifier imports compress_classifier's own parser.py: patch it only when an application loads it
     when_imported("distiller.apputils.image_classifier", lambda module: patch_policy_windows(module, SectionalKDPolicy))

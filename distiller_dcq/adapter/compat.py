@@ -31,6 +31,20 @@ def _is_patched(fn):
     return getattr(fn, PATCHED, False)
 
 
+def route(namespaces, name, handles, ours):
+    """Replace function ``name`` in every namespace that holds the same object (where it is defined
+    and where it is re-exported) by one that calls ``ours`` when ``handles(*args)`` and the
+    original otherwise. Idempotent."""
+    original = getattr(namespaces[0], name)
+    if _is_patched(original):
+        return
+    routed = _mark(functools.wraps(original)(
+        lambda *args, **kwargs: ours(*args, **kwargs) if handles(*args, **kwargs) else original(*args, **kwargs)))
+    for namespace in namespaces:
+        if getattr(namespace, name, None) is original:
+            setattr(namespace, name, routed)
+
+
 # --- 1. pandas >= 1.3 -------------------------------------------------------------------------------
 
 def _pandas_needs_precision_alias(pd):
@@ -138,9 +152,9 @@ def patch_quantizer_prepare(quantizer_module):
 
 def _keep_parameter_order(module, names, prefix):
     params = module._parameters
-    ordered = [(n, params[n]) if n in params else (prefix + n, params[prefix + n]) for n in names
-               if n in params or prefix + n in params]
-    ordered += [(n, p) for n, p in params.items() if n not in dict(ordered)]
+    ordered = [n if n in params else prefix + n for n in names if n in params or prefix + n in params]
+    ordered += [n for n in params if n not in set(ordered)]  # parameters the quantizer added
+    ordered = [(n, params[n]) for n in ordered]
     params.clear()
     params.update(ordered)
 

@@ -1,12 +1,11 @@
 """Data and networks for compress_classifier beyond Distiller's: CIFAR-10 stored as image folders,
 and SVHN with DoReFa-Net's SVHN network."""
-import functools
 import os
 
 from torchvision import datasets, transforms
 
 from ..svhn import SVHN_INPUT_SIZE, SVHNDigits, SVHNDoReFaNet
-from .compat import _is_patched, _mark
+from .compat import route
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -35,20 +34,11 @@ def cifar10_image_folders(data_dir, load_train=True, load_test=True):
             folder("test", CIFAR10_TEST_TRANSFORM) if load_test else None)
 
 
-def patch_cifar10_image_folders(data_loaders):
+def patch_cifar10_image_folders(data_loaders, apputils):
     """Let ``--arch *_cifar DATA_DIR`` read CIFAR-10 from image folders; torchvision's layout is
     still read by Distiller's own loader."""
-    if _is_patched(data_loaders.cifar10_get_datasets):
-        return
-    original = data_loaders.cifar10_get_datasets
-
-    @functools.wraps(original)
-    def cifar10_get_datasets(data_dir, load_train=True, load_test=True):
-        if is_image_folder_layout(data_dir):
-            return cifar10_image_folders(data_dir, load_train, load_test)
-        return original(data_dir, load_train, load_test)
-
-    data_loaders.cifar10_get_datasets = _mark(cifar10_get_datasets)
+    route((data_loaders, apputils), "cifar10_get_datasets", lambda data_dir, *a, **k: is_image_folder_layout(data_dir),
+          cifar10_image_folders)
 
 
 # --- SVHN: a dataset and a network Distiller does not have ---------------------------------------------
@@ -92,20 +82,12 @@ def register_svhn(data_loaders, apputils, models):
     models.SUPPORTED_DATASETS = tuple(models.SUPPORTED_DATASETS) + (SVHN,)
     models.ALL_MODEL_NAMES.extend(sorted(SVHN_MODELS))
 
-    def extend(module, name, handles, ours):
-        original = getattr(module, name)
-        extended = _mark(functools.wraps(original)(
-            lambda *args, **kwargs: ours(*args, **kwargs) if handles(*args, **kwargs) else original(*args, **kwargs)))
-        for namespace in (module, apputils):
-            if getattr(namespace, name, None) is original:
-                setattr(namespace, name, extended)
-
-    extend(data_loaders, "classification_dataset_str_from_arch", lambda arch: SVHN in arch, lambda arch: SVHN)
-    extend(data_loaders, "classification_num_classes", lambda dataset: dataset == SVHN, lambda dataset: 10)
-    extend(data_loaders, "classification_get_input_shape", lambda dataset: dataset == SVHN,
-           lambda dataset: (1, 3, SVHN_INPUT_SIZE, SVHN_INPUT_SIZE))
-    extend(data_loaders, "__dataset_factory", lambda dataset, arch: dataset == SVHN,
-           lambda dataset, arch: svhn_get_datasets)
-    extend(models, "create_model", lambda pretrained, dataset, arch, *a, **k: dataset.lower() == SVHN,
-           lambda pretrained, dataset, arch, parallel=True, device_ids=None:
-           _create_svhn_model(pretrained, arch, parallel, device_ids))
+    loaders = (data_loaders, apputils)
+    route(loaders, "classification_dataset_str_from_arch", lambda arch: SVHN in arch, lambda arch: SVHN)
+    route(loaders, "classification_num_classes", lambda dataset: dataset == SVHN, lambda dataset: 10)
+    route(loaders, "classification_get_input_shape", lambda dataset: dataset == SVHN,
+          lambda dataset: (1, 3, SVHN_INPUT_SIZE, SVHN_INPUT_SIZE))
+    route(loaders, "__dataset_factory", lambda dataset, arch: dataset == SVHN, lambda dataset, arch: svhn_get_datasets)
+    route((models,), "create_model", lambda pretrained, dataset, arch, *a, **k: dataset.lower() == SVHN,
+          lambda pretrained, dataset, arch, parallel=True, device_ids=None:
+          _create_svhn_model(pretrained, arch, parallel, device_ids))
