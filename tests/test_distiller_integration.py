@@ -1,4 +1,5 @@
 """Against a real Distiller: YAML -> file_config -> scheduler -> compress_classifier's training loop."""
+import json
 import os
 import pickle
 import subprocess
@@ -499,7 +500,8 @@ def test_reproduce_writes_table_csv_and_plots_from_real_logs_and_reuses_finished
     cmd = [sys.executable, "-m", "distiller_dcq.report.reproduce", "--distiller-src", str(distiller_src),
            "--networks", "simplenet_mnist", "--weights", "binary", "--epochs", "1", "--train-size", "0.01",
            "--data", f"simplenet_mnist={MNIST_DIR}", "--teacher", f"simplenet_mnist={LENET_TEACHER}",
-           "--ablations", "--sections", "2", "--losses", "kl", "--out", str(tmp_path / "out")]
+           "--ablations", "--ablation-train-size", "0.02", "--sections", "2", "--losses", "kl",
+           "--out", str(tmp_path / "out")]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=str(ROOT))
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     out = tmp_path / "out"
@@ -512,6 +514,11 @@ def test_reproduce_writes_table_csv_and_plots_from_real_logs_and_reuses_finished
     table = (out / "results.md").read_text()
     dorefa, dcq = (float(results[f"simplenet_mnist_{m}_binary"]["test_top1"]) for m in ("dorefa", "dcq"))
     assert f"| simplenet_mnist | {dorefa:.2f} / 96.7 | {dcq:.2f} / 99.3 | 99.9 |" in table
+    def train_size(run):
+        run_cmd = json.loads((out / "runs" / run / "result.json").read_text())["cmd"]
+        return run_cmd[run_cmd.index("--effective-train-size") + 1]
+    assert train_size("simplenet_mnist_dcq_binary") == "0.01" and train_size("simplenet_mnist_dcq_binary_kl") == "0.02"
+    assert "(1 epochs on 0.02 of it for the ablations)" in table
     assert "num_sections: 2" in (out / "schedules" / "simplenet_mnist_dcq_binary_2sections.yaml").read_text()
     for png in ("convergence_simplenet_mnist.png", "sections.png", "losses.png"):
         assert (out / png).stat().st_size > 5000

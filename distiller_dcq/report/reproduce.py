@@ -59,25 +59,27 @@ def variant_schedule(source, out_dir, name, num_sections=None, loss=None):
 
 
 def plan(args):
-    """(run name, arch, schedule path) for every run asked for."""
+    """(run name, arch, schedule path, epochs, train size) for every run asked for."""
     runs = []
     for arch in args.networks:
         for w in args.weights:
             for method in METHODS:
-                runs.append((f"{arch}_{method}_{w}", arch, args.schedules / f"{arch}_{method}_{w}.yaml"))
+                runs.append((f"{arch}_{method}_{w}", arch, args.schedules / f"{arch}_{method}_{w}.yaml",
+                             args.epochs, args.train_size))
     if args.ablations:
         arch = args.networks[0]
         source = args.schedules / f"{arch}_dcq_binary.yaml"
+        budget = (args.ablation_epochs, args.ablation_train_size)
         for k in args.sections:
             name = f"{arch}_dcq_binary_{k}sections"
-            runs.append((name, arch, variant_schedule(source, args.out, name, num_sections=k)))
+            runs.append((name, arch, variant_schedule(source, args.out, name, num_sections=k), *budget))
         for loss in args.losses:
             name = f"{arch}_dcq_binary_{loss}"
-            runs.append((name, arch, variant_schedule(source, args.out, name, loss=loss)))
+            runs.append((name, arch, variant_schedule(source, args.out, name, loss=loss), *budget))
     return runs
 
 
-def command(args, arch, schedule, name):
+def command(args, arch, schedule, name, epochs, train_size):
     data = args.data.get(arch) or NETWORKS[arch]["data"]
     teacher = args.teacher.get(arch) or SHARED / "teachers" / f"{arch}_fp.pth.tar"
     if data is None or not Path(data).exists():
@@ -86,8 +88,8 @@ def command(args, arch, schedule, name):
         raise SystemExit(f"no FP teacher for {arch} at {teacher}: give --teacher {arch}=PATH (a Distiller checkpoint)")
     script = args.distiller_src / "examples" / "classifier_compression" / "compress_classifier.py"
     return [sys.executable, script, "--arch", arch, Path(data).resolve(), "--cpu", "-j", "0", "-b", args.batch_size,
-            "--lr", args.lr, "--momentum", "0.9", "--wd", "0", "--epochs", args.epochs, "--vs", "0.1", "--seed",
-            args.seed, "--effective-train-size", args.train_size, "--compress", schedule.resolve(),
+            "--lr", args.lr, "--momentum", "0.9", "--wd", "0", "--epochs", epochs, "--vs", "0.1", "--seed",
+            args.seed, "--effective-train-size", train_size, "--compress", schedule.resolve(),
             "--exp-load-weights-from", teacher.resolve(), "--out-dir", args.out / "runs" / name, "--name", name]
 
 
@@ -95,7 +97,9 @@ def write_results(args, runs, results):
     lines = ["# DoReFa vs DCQ (top-1 %, test set, after the last epoch)", "",
              f"Made by `python -m distiller_dcq.report.reproduce {' '.join(sys.argv[1:])}`; every run: Distiller's "
              f"unmodified compress_classifier.py, {args.epochs} epochs from the FP teacher, SGD lr {args.lr} momentum "
-             f"0.9, batch {args.batch_size}, seed {args.seed}, {float(args.train_size):g} of the training set.", ""]
+             f"0.9, batch {args.batch_size}, seed {args.seed}, {float(args.train_size):g} of the training set"
+             + (f" ({args.ablation_epochs} epochs on {float(args.ablation_train_size):g} of it for the ablations)"
+                if args.ablations else "") + ".", ""]
     if any(NETWORKS[a]["data"] == CIFAR_JPEG and a not in args.data for a in args.networks):
         lines += ["CIFAR-10 figures come from the lossy JPEG copy (`../shared/data/cifar10-jpeg`): compare methods "
                   "with each other, never with official CIFAR-10 results.", ""]
@@ -113,17 +117,17 @@ def write_results(args, runs, results):
             i = ("binary", "ternary").index(w)
             cells += [f"{top1(f'{arch}_dorefa_{w}')} / {dorefa[i]}", f"{top1(f'{arch}_dcq_{w}')} / {dcq[i]}"]
         lines.append("| " + " | ".join(cells + [str(fp)]) + " |")
-    extra = [name for name, _, _ in runs if name not in {f"{a}_{m}_{w}" for a in args.networks for m in METHODS
+    extra = [name for name, *_ in runs if name not in {f"{a}_{m}_{w}" for a in args.networks for m in METHODS
                                                            for w in args.weights}]
     if extra:
         lines += ["", "| ablation | test top-1 |", "|---|---|"] + [f"| {n} | {top1(n)} |" for n in extra]
-    lines += ["", "## Commands", ""] + [f"- {name}: `{' '.join(results[name]['cmd'])}`" for name, _, _ in runs]
+    lines += ["", "## Commands", ""] + [f"- {name}: `{' '.join(results[name]['cmd'])}`" for name, *_ in runs]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
 
     with open(args.out / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run", "epoch", "val_top1", "train_seconds", "test_top1"])
-        for name, _, _ in runs:
+        for name, *_ in runs:
             r = results[name]
             for epoch, val in enumerate(r.get("val_top1", [])):
                 writer.writerow([name, epoch, val, round(r["train_seconds"][epoch], 1) if epoch < len(
@@ -174,6 +178,8 @@ def main(argv=None):
     parser.add_argument("--data", nargs="*", help="NETWORK=PATH: data directory (default: ../shared/data/...)")
     parser.add_argument("--teacher", nargs="*", help="NETWORK=PATH: FP checkpoint (default: ../shared/teachers)")
     parser.add_argument("--ablations", action="store_true", help="DCQ binary with 1/2/4 sections and each loss")
+    parser.add_argument("--ablation-epochs", type=int, help="epochs of each ablation run (default: --epochs)")
+    parser.add_argument("--ablation-train-size", help="training-set fraction of each ablation run (default: --train-size)")
     parser.add_argument("--sections", nargs="+", type=int, default=[1, 2, 4])
     parser.add_argument("--losses", nargs="+", default=list(LOSS_NAMES), choices=LOSS_NAMES)
     parser.add_argument("--schedules", type=Path, default=ROOT / "schedules",
@@ -185,12 +191,15 @@ def main(argv=None):
     args.out, args.distiller_src, args.schedules = args.out.resolve(), args.distiller_src.resolve(), args.schedules.resolve()
     if not args.schedules.is_dir():
         parser.error(f"no schedules directory at {args.schedules}: give --schedules path/to/distiller-dcq/schedules")
+    args.ablation_epochs = str(args.ablation_epochs or args.epochs)
+    args.ablation_train_size = args.ablation_train_size or args.train_size
     args.epochs, args.lr, args.batch_size, args.seed = str(args.epochs), str(args.lr), str(args.batch_size), str(args.seed)
     runs = plan(args)
     results = {}
-    for i, (name, arch, schedule) in enumerate(runs, 1):
+    for i, (name, arch, schedule, epochs, train_size) in enumerate(runs, 1):
         print(f"run {i} of {len(runs)}", flush=True)
-        results[name] = run_compress_classifier(command(args, arch, schedule, name), args.out / "runs" / name, name,
+        cmd = command(args, arch, schedule, name, epochs, train_size)
+        results[name] = run_compress_classifier(cmd, args.out / "runs" / name, name,
                                                 args.rerun, log=lambda m: print(m, flush=True))
     write_results(args, runs, results)
     plot(args, results)
