@@ -4,7 +4,9 @@ For every network, weight kind and method it runs the schedule ``schedules/<arch
 from the FP teacher, reads Distiller's own logs, and writes into ``--out``: ``results.md`` (a table
 shaped like Table 1, the paper's numbers beside ours, and every command), ``results.csv`` (one row
 per run and epoch) and PNG plots (convergence DoReFa vs DCQ; with ``--ablations``, DCQ binary on the
-first network with 1/2/4 sections and with each loss). Finished runs are reused unless ``--rerun``.
+first network with 1/2/4 sections and with each loss). The FP teacher is the one given (its test top-1
+measured by ``--evaluate``) or, with ``--train-teachers``, trained first by compress_classifier. Finished
+runs are reused unless ``--rerun``.
 
     python -m distiller_dcq.report.reproduce --distiller-src DISTILLER --networks simplenet_mnist \\
         --epochs 6 --out results/
@@ -13,6 +15,7 @@ import argparse
 import csv
 import re
 import sys
+from collections import namedtuple
 from pathlib import Path
 
 from .runs import run_compress_classifier
@@ -58,45 +61,83 @@ def variant_schedule(source, out_dir, name, num_sections=None, loss=None):
     return path
 
 
+Run = namedtuple("Run", "name arch schedule epochs train_size from_teacher")
+
+
 def plan(args):
-    """(run name, arch, schedule path, epochs, train size) for every run asked for."""
+    """Every quantization run asked for: Table-1 rows, then from-scratch baselines, then ablations."""
     runs = []
     for arch in args.networks:
         for w in args.weights:
             for method in METHODS:
-                runs.append((f"{arch}_{method}_{w}", arch, args.schedules / f"{arch}_{method}_{w}.yaml",
-                             args.epochs, args.train_size))
+                runs.append(Run(f"{arch}_{method}_{w}", arch, args.schedules / f"{arch}_{method}_{w}.yaml",
+                                args.epochs, args.train_size, True))
+        if args.scratch_baselines:
+            runs += [Run(f"{arch}_dorefa_{w}_scratch", arch, args.schedules / f"{arch}_dorefa_{w}.yaml",
+                         args.epochs, args.train_size, False) for w in args.weights]
     if args.ablations:
         arch = args.networks[0]
         source = args.schedules / f"{arch}_dcq_binary.yaml"
-        budget = (args.ablation_epochs, args.ablation_train_size)
+        budget = (args.ablation_epochs, args.ablation_train_size, True)
         for k in args.sections:
             name = f"{arch}_dcq_binary_{k}sections"
-            runs.append((name, arch, variant_schedule(source, args.out, name, num_sections=k), *budget))
+            runs.append(Run(name, arch, variant_schedule(source, args.out, name, num_sections=k), *budget))
         for loss in args.losses:
             name = f"{arch}_dcq_binary_{loss}"
-            runs.append((name, arch, variant_schedule(source, args.out, name, loss=loss), *budget))
+            runs.append(Run(name, arch, variant_schedule(source, args.out, name, loss=loss), *budget))
     return runs
 
 
-def command(args, arch, schedule, name, epochs, train_size):
+def _data(args, arch):
     data = args.data.get(arch) or NETWORKS[arch]["data"]
-    teacher = args.teacher.get(arch) or SHARED / "teachers" / f"{arch}_fp.pth.tar"
     if data is None or not Path(data).exists():
         raise SystemExit(f"no data for {arch}: give --data {arch}=PATH")
-    if not teacher.exists():
-        raise SystemExit(f"no FP teacher for {arch} at {teacher}: give --teacher {arch}=PATH (a Distiller checkpoint)")
+    return Path(data).resolve()
+
+
+def command(args, arch, name, *options):
+    """compress_classifier.py on ``arch`` with this reproduction's common settings plus ``options``."""
     script = args.distiller_src / "examples" / "classifier_compression" / "compress_classifier.py"
-    return [sys.executable, script, "--arch", arch, Path(data).resolve(), "--cpu", "-j", "0", "-b", args.batch_size,
-            "--lr", args.lr, "--momentum", "0.9", "--wd", "0", "--epochs", epochs, "--vs", "0.1", "--seed",
-            args.seed, "--effective-train-size", train_size, "--compress", schedule.resolve(),
-            "--exp-load-weights-from", teacher.resolve(), "--out-dir", args.out / "runs" / name, "--name", name]
+    return [sys.executable, script, "--arch", arch, _data(args, arch), "--cpu", "-j", "0", "-b", args.batch_size,
+            *options, "--out-dir", args.out / "runs" / name, "--name", name]
+
+
+def training_options(args, lr, epochs, train_size, wd="0"):
+    return ["--lr", lr, "--momentum", "0.9", "--wd", wd, "--epochs", epochs, "--vs", "0.1", "--seed", args.seed,
+            "--effective-train-size", train_size]
+
+
+def teacher_run(args, arch):
+    """(run name, command, checkpoint path or None) giving the FP teacher of ``arch`` and its test top-1:
+    the given checkpoint evaluated, or a teacher trained first when ``--train-teachers`` asks for it."""
+    given = args.teacher.get(arch) or SHARED / "teachers" / f"{arch}_fp.pth.tar"
+    if arch in args.teacher or (given.exists() and not args.train_teachers):
+        if not given.exists():
+            raise SystemExit(f"no FP teacher for {arch} at {given}: give --teacher {arch}=PATH (a Distiller "
+                             f"checkpoint) or --train-teachers")
+        return f"{arch}_fp", command(args, arch, f"{arch}_fp", "--evaluate", "--exp-load-weights-from",
+                                     given.resolve()), given.resolve()
+    if not args.train_teachers:
+        raise SystemExit(f"no FP teacher for {arch} at {given}: give --teacher {arch}=PATH (a Distiller checkpoint) "
+                         f"or --train-teachers to train one first")
+    name = f"{arch}_fp_trained"
+    options = training_options(args, args.teacher_lr, args.teacher_epochs, args.teacher_train_size, wd="5e-4")
+    return name, command(args, arch, name, *options, "--compress", args.schedules / "fp_teacher.yaml"), None
+
+
+def trained_checkpoint(args, name):
+    """The last-epoch checkpoint of the compress_classifier run ``name``."""
+    found = sorted((args.out / "runs" / name).glob(f"{name}___*/{name}_checkpoint.pth.tar"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise SystemExit(f"the teacher run {name} left no checkpoint under {args.out / 'runs' / name}")
+    return found[-1]
 
 
 def write_results(args, runs, results):
     lines = ["# DoReFa vs DCQ (top-1 %, test set, after the last epoch)", "",
              f"Made by `python -m distiller_dcq.report.reproduce {' '.join(sys.argv[1:])}`; every run: Distiller's "
-             f"unmodified compress_classifier.py, {args.epochs} epochs from the FP teacher, SGD lr {args.lr} momentum "
+             f"unmodified compress_classifier.py, {args.epochs} epochs from the FP teacher (DoReFa 'scratch': from "
+             f"random weights), SGD lr {args.lr} momentum "
              f"0.9, batch {args.batch_size}, seed {args.seed}, {float(args.train_size):g} of the training set"
              + (f" ({args.ablation_epochs} epochs on {float(args.ablation_train_size):g} of it for the ablations)"
                 if args.ablations else "") + ".", ""]
@@ -108,7 +149,8 @@ def write_results(args, runs, results):
         r = results.get(name, {})
         return "failed" if "failed" in r else (f"{r['test_top1']:.2f}" if r.get("test_top1") is not None else "-")
 
-    head = ["network"] + [f"{m} {w} (ours / paper)" for w in args.weights for m in ("DoReFa", "DCQ")] + ["FP (paper)"]
+    head = ["network"] + [f"{m} {w} (ours / paper)" for w in args.weights for m in ("DoReFa", "DCQ")] + [
+        "FP teacher (ours / paper)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arch in args.networks:
         fp, dorefa, dcq = NETWORKS[arch]["paper"]
@@ -116,18 +158,19 @@ def write_results(args, runs, results):
         for w in args.weights:
             i = ("binary", "ternary").index(w)
             cells += [f"{top1(f'{arch}_dorefa_{w}')} / {dorefa[i]}", f"{top1(f'{arch}_dcq_{w}')} / {dcq[i]}"]
-        lines.append("| " + " | ".join(cells + [str(fp)]) + " |")
-    extra = [name for name, *_ in runs if name not in {f"{a}_{m}_{w}" for a in args.networks for m in METHODS
-                                                           for w in args.weights}]
+        lines.append("| " + " | ".join(cells + [f"{top1(args.teacher_runs[arch])} / {fp}"]) + " |")
+    extra = [run.name for run in runs if run.name not in {f"{a}_{m}_{w}" for a in args.networks for m in METHODS
+                                                          for w in args.weights}]
     if extra:
-        lines += ["", "| ablation | test top-1 |", "|---|---|"] + [f"| {n} | {top1(n)} |" for n in extra]
-    lines += ["", "## Commands", ""] + [f"- {name}: `{' '.join(results[name]['cmd'])}`" for name, *_ in runs]
+        lines += ["", "| other run | test top-1 |", "|---|---|"] + [f"| {n} | {top1(n)} |" for n in extra]
+    named = list(args.teacher_runs.values()) + [run.name for run in runs]
+    lines += ["", "## Commands", ""] + [f"- {name}: `{' '.join(results[name]['cmd'])}`" for name in named]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
 
     with open(args.out / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run", "epoch", "val_top1", "train_seconds", "test_top1"])
-        for name, *_ in runs:
+        for name in [run.name for run in runs]:
             r = results[name]
             for epoch, val in enumerate(r.get("val_top1", [])):
                 writer.writerow([name, epoch, val, round(r["train_seconds"][epoch], 1) if epoch < len(
@@ -156,7 +199,8 @@ def plot(args, results):
 
     for arch in args.networks:
         curves(args.out / f"convergence_{arch}.png", f"{arch}: DoReFa vs DCQ",
-               [(f"{m} {w}", f"{arch}_{m}_{w}") for w in args.weights for m in METHODS])
+               [(f"{m} {w}", f"{arch}_{m}_{w}") for w in args.weights for m in METHODS]
+               + [(f"dorefa {w} from scratch", f"{arch}_dorefa_{w}_scratch") for w in args.weights])
     if args.ablations:
         arch = args.networks[0]
         curves(args.out / "sections.png", f"{arch}: DCQ binary, number of sections",
@@ -177,6 +221,13 @@ def main(argv=None):
     parser.add_argument("--seed", default="0")
     parser.add_argument("--data", nargs="*", help="NETWORK=PATH: data directory (default: ../shared/data/...)")
     parser.add_argument("--teacher", nargs="*", help="NETWORK=PATH: FP checkpoint (default: ../shared/teachers)")
+    parser.add_argument("--train-teachers", action="store_true",
+                        help="train the FP teacher first (schedules/fp_teacher.yaml) for every network not given --teacher")
+    parser.add_argument("--teacher-epochs", default="30")
+    parser.add_argument("--teacher-lr", default="0.1")
+    parser.add_argument("--teacher-train-size", default="1.0", help="training-set fraction for a teacher trained first")
+    parser.add_argument("--scratch-baselines", action="store_true",
+                        help="also run the DoReFa baselines from random weights")
     parser.add_argument("--ablations", action="store_true", help="DCQ binary with 1/2/4 sections and each loss")
     parser.add_argument("--ablation-epochs", type=int, help="epochs of each ablation run (default: --epochs)")
     parser.add_argument("--ablation-train-size", help="training-set fraction of each ablation run (default: --train-size)")
@@ -195,12 +246,25 @@ def main(argv=None):
     args.ablation_train_size = args.ablation_train_size or args.train_size
     args.epochs, args.lr, args.batch_size, args.seed = str(args.epochs), str(args.lr), str(args.batch_size), str(args.seed)
     runs = plan(args)
-    results = {}
-    for i, (name, arch, schedule, epochs, train_size) in enumerate(runs, 1):
-        print(f"run {i} of {len(runs)}", flush=True)
-        cmd = command(args, arch, schedule, name, epochs, train_size)
-        results[name] = run_compress_classifier(cmd, args.out / "runs" / name, name,
-                                                args.rerun, log=lambda m: print(m, flush=True))
+    total = len(runs) + len(args.networks)
+    results, teachers, args.teacher_runs = {}, {}, {}
+
+    def run(name, cmd):
+        print(f"run {len(results) + 1} of {total}", flush=True)
+        results[name] = run_compress_classifier(cmd, args.out / "runs" / name, name, args.rerun,
+                                                log=lambda m: print(m, flush=True))
+        if "failed" in results[name] and name in args.teacher_runs.values():
+            raise SystemExit(f"the FP teacher run {name} failed: {results[name]['failed']}")
+
+    for arch in args.networks:
+        name, cmd, teachers[arch] = teacher_run(args, arch)
+        args.teacher_runs[arch] = name
+        run(name, cmd)
+        teachers[arch] = teachers[arch] or trained_checkpoint(args, name)
+    for r in runs:
+        init = ["--exp-load-weights-from", teachers[r.arch]] if r.from_teacher else []
+        run(r.name, command(args, r.arch, r.name, *training_options(args, args.lr, r.epochs, r.train_size),
+                            "--compress", r.schedule.resolve(), *init))
     write_results(args, runs, results)
     plot(args, results)
     print(f"wrote {args.out / 'results.md'}, results.csv and the plots")
