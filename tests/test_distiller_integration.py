@@ -436,7 +436,7 @@ def test_distiller_creates_the_svhn_network_and_loads_svhn_with_its_usual_split(
 # --- the schedules of the other networks, through Distiller's own training loop ----------------------
 
 @pytest.mark.parametrize("schedule", sorted(p.name for p in SCHEDULES.glob("*.yaml")
-                                            if not p.name.startswith("simplenet_mnist")))
+                                            if not p.name.startswith("simplenet_mnist") and p.name != "fp_teacher.yaml"))
 def test_every_network_schedule_trains_a_few_minibatches_in_distillers_loop(schedule, monkeypatch):
     monkeypatch.syspath_prepend(str(compress_classifier_script().parent))  # image_classifier imports its parser.py
     import distiller.apputils.image_classifier as classifier
@@ -535,7 +535,11 @@ def test_reproduce_trains_the_teacher_first_when_asked_and_runs_dorefa_from_scra
            str(compress_classifier_script().parents[2]), "--networks", "simplenet_mnist", "--weights", "binary",
            "--epochs", "1", "--train-size", "0.01", "--data", f"simplenet_mnist={MNIST_DIR}", "--train-teachers",
            "--teacher-epochs", "1", "--teacher-train-size", "0.02", "--scratch-baselines", "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=str(ROOT))
+    typo = subprocess.run(cmd + ["--variants", "dcq_binary_kdd"], capture_output=True, text=True, cwd=str(ROOT))
+    assert typo.returncode != 0 and "no schedule simplenet_mnist_dcq_binary_kdd.yaml" in typo.stderr
+    assert "dcq_binary_kd, " in typo.stderr and not out.exists()  # the valid names, before any run
+    done = subprocess.run(cmd + ["--variants", "dcq_binary_poisson"], capture_output=True, text=True, timeout=900,
+                          cwd=str(ROOT))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
     def run_cmd(run):
@@ -549,6 +553,13 @@ def test_reproduce_trains_the_teacher_first_when_asked_and_runs_dorefa_from_scra
     fp_top1 = json.loads((out / "runs" / "simplenet_mnist_fp_trained" / "result.json").read_text())["test_top1"]
     table = (out / "results.md").read_text()
     assert f" {fp_top1:.2f} / 99.9 |" in table and "| simplenet_mnist_dorefa_binary_scratch |" in table
+    assert "| simplenet_mnist_dcq_binary_poisson |" in table and "simplenet_mnist_dcq_binary_poisson.yaml" in " ".join(
+        run_cmd("simplenet_mnist_dcq_binary_poisson"))
+    # a run that fails (the KD policy is scheduled after the last epoch) is in the table and fails the command
+    failing = subprocess.run(cmd + ["--variants", "dcq_binary_kd"], capture_output=True, text=True, timeout=900,
+                             cwd=str(ROOT))
+    assert failing.returncode != 0 and "1 run(s) failed: simplenet_mnist_dcq_binary_kd" in failing.stderr
+    assert "| simplenet_mnist_dcq_binary_kd | failed |" in (out / "results.md").read_text()
 
 
 def test_a_dcq_window_after_the_last_training_epoch_stops_the_run_before_training(tmp_path):

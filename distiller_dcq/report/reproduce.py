@@ -65,7 +65,7 @@ Run = namedtuple("Run", "name arch schedule epochs train_size from_teacher")
 
 
 def plan(args):
-    """Every quantization run asked for: Table-1 rows, then from-scratch baselines, then ablations."""
+    """Every quantization run asked for: Table-1 rows, from-scratch baselines, variants, then ablations."""
     runs = []
     for arch in args.networks:
         for w in args.weights:
@@ -75,6 +75,12 @@ def plan(args):
         if args.scratch_baselines:
             runs += [Run(f"{arch}_dorefa_{w}_scratch", arch, args.schedules / f"{arch}_dorefa_{w}.yaml",
                          args.epochs, args.train_size, False) for w in args.weights]
+        for variant in args.variants:
+            schedule = args.schedules / f"{arch}_{variant}.yaml"
+            if not schedule.exists():
+                known = sorted(p.stem[len(arch) + 1:] for p in args.schedules.glob(f"{arch}_*.yaml"))
+                raise SystemExit(f"no schedule {schedule.name} for --variants {variant}; {arch} has: {', '.join(known)}")
+            runs.append(Run(f"{arch}_{variant}", arch, schedule, args.epochs, args.train_size, True))
     if args.ablations:
         arch = args.networks[0]
         source = args.schedules / f"{arch}_dcq_binary.yaml"
@@ -200,7 +206,8 @@ def plot(args, results):
     for arch in args.networks:
         curves(args.out / f"convergence_{arch}.png", f"{arch}: DoReFa vs DCQ",
                [(f"{m} {w}", f"{arch}_{m}_{w}") for w in args.weights for m in METHODS]
-               + [(f"dorefa {w} from scratch", f"{arch}_dorefa_{w}_scratch") for w in args.weights])
+               + [(f"dorefa {w} from scratch", f"{arch}_dorefa_{w}_scratch") for w in args.weights]
+               + [(variant.replace("_", " "), f"{arch}_{variant}") for variant in args.variants])
     if args.ablations:
         arch = args.networks[0]
         curves(args.out / "sections.png", f"{arch}: DCQ binary, number of sections",
@@ -228,6 +235,8 @@ def main(argv=None):
     parser.add_argument("--teacher-train-size", default="1.0", help="training-set fraction for a teacher trained first")
     parser.add_argument("--scratch-baselines", action="store_true",
                         help="also run the DoReFa baselines from random weights")
+    parser.add_argument("--variants", nargs="+", default=[], metavar="NAME",
+                        help="also run schedules/<network>_NAME.yaml, e.g. dcq_binary_parallel")
     parser.add_argument("--ablations", action="store_true", help="DCQ binary with 1/2/4 sections and each loss")
     parser.add_argument("--ablation-epochs", type=int, help="epochs of each ablation run (default: --epochs)")
     parser.add_argument("--ablation-train-size", help="training-set fraction of each ablation run (default: --train-size)")
@@ -268,6 +277,9 @@ def main(argv=None):
     write_results(args, runs, results)
     plot(args, results)
     print(f"wrote {args.out / 'results.md'}, results.csv and the plots")
+    failed = [name for name, result in results.items() if "failed" in result]
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)} (their stderr.txt under {args.out / 'runs'})")
 
 
 if __name__ == "__main__":
