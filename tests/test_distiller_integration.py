@@ -465,7 +465,7 @@ def test_every_network_schedule_trains_a_few_minibatches_in_distillers_loop(sche
 @pytest.mark.parametrize("mode", ["binary", "ternary"])
 def test_kernel_diagnostics_on_a_real_checkpoint(tmp_path, mode):
     from distiller import apputils
-    from distiller_dcq.report.kernels import write_report
+    from distiller_dcq.report.kernels import main as kernels_main, write_report
     model = lenet()
     apputils.load_lean_checkpoint(model, str(LENET_TEACHER))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -483,6 +483,9 @@ def test_kernel_diagnostics_on_a_real_checkpoint(tmp_path, mode):
     quantizer.quantize_params()
     apputils.save_checkpoint(1, "simplenet_mnist", model, dir=str(tmp_path))
     out = tmp_path / "report1"
+    argv = [str(LENET_TEACHER), str(tmp_path / "checkpoint.pth.tar"), "--out", str(out), "--layer", "conv2"]
+    kernels_main(argv)  # the command line
+    assert f"Made by `python -m distiller_dcq.report.kernels {' '.join(argv)}`" in (out / "kernels.md").read_text()
     layers = write_report(str(LENET_TEACHER), str(tmp_path / "checkpoint.pth.tar"), str(out), layer="conv2")
     altered = (layers["fc1"]["trained"] != layers["fc1"]["direct"]).float().mean().item()
     assert 0.05 < altered < 0.95 and torch.equal(layers["conv1"]["trained"], layers["conv1"]["direct"])

@@ -9,6 +9,7 @@ an image grid of one conv layer's kernels: FP / directly quantized / trained.
 """
 import argparse
 import os
+import sys
 
 import torch
 
@@ -80,9 +81,10 @@ def write_report(fp_path, q_path, out_dir, layer=None):
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, magnitudes in altered_magnitudes.items():
         if magnitudes.numel():
-            ax.hist(magnitudes.numpy(), bins=50, histtype="step", label=f"{name} ({magnitudes.numel()})")
+            ax.hist(magnitudes.numpy(), bins=50, histtype="step", density=True,
+                    label=f"{name} ({magnitudes.numel()} altered)")
     ax.set(title=f"FP magnitude of the weights training altered ({mode})", xlabel="|FP weight|",
-           ylabel="altered weights")
+           ylabel="density, per layer", yscale="log")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "altered_magnitudes.png"), dpi=120)
@@ -123,6 +125,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import distiller  # noqa: F401  (the checkpoints reference Distiller's classes)
     layers = write_report(args.fp_checkpoint, args.quantized_checkpoint, args.out, args.layer)
+    with open(os.path.join(args.out, "kernels.md"), "a") as f:
+        f.write(f"\nMade by `python -m distiller_dcq.report.kernels {' '.join(argv or sys.argv[1:])}` in `{os.getcwd()}`.\n")
     print(f"{len(layers)} quantized layers; wrote {args.out}/kernels.md and PNGs")
 
 
