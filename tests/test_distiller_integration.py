@@ -522,7 +522,7 @@ def test_reproduce_writes_table_csv_and_plots_from_real_logs_and_reuses_finished
         run_cmd = json.loads((out / "runs" / run / "result.json").read_text())["cmd"]
         return run_cmd[run_cmd.index("--effective-train-size") + 1]
     assert train_size("simplenet_mnist_dcq_binary") == "0.01" and train_size("simplenet_mnist_dcq_binary_kl") == "0.02"
-    assert "(1 epochs on 0.02 of it for the ablations)" in table
+    assert "(1 epochs on 2% of it for the ablations)" in table
     assert "num_sections: 2" in (out / "schedules" / "simplenet_mnist_dcq_binary_2sections.yaml").read_text()
     for png in ("convergence_simplenet_mnist.png", "sections.png", "losses.png"):
         assert (out / png).stat().st_size > 5000
