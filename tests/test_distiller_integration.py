@@ -523,6 +523,8 @@ def test_reproduce_writes_table_csv_and_plots_from_real_logs_and_reuses_finished
         return run_cmd[run_cmd.index("--effective-train-size") + 1]
     assert train_size("simplenet_mnist_dcq_binary") == "0.01" and train_size("simplenet_mnist_dcq_binary_kl") == "0.02"
     assert "(1 epochs on 2% of it for the ablations)" in table
+    stitched = json.loads((out / "runs" / "simplenet_mnist_dcq_binary" / "result.json").read_text())["stitched_top1"]
+    assert f"| simplenet_mnist_dcq_binary | {stitched[0]:.2f} |" in table.split("stitched network at each merge")[1]
     assert "num_sections: 2" in (out / "schedules" / "simplenet_mnist_dcq_binary_2sections.yaml").read_text()
     for png in ("convergence_simplenet_mnist.png", "sections.png", "losses.png"):
         assert (out / png).stat().st_size > 5000
