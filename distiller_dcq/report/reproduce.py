@@ -64,11 +64,6 @@ def variant_schedule(source, out_dir, name, num_sections=None, loss=None):
     return path
 
 
-def torch_version():
-    import torch
-    return torch.__version__
-
-
 Run = namedtuple("Run", "name arch schedule epochs train_size from_teacher")
 
 
@@ -125,15 +120,12 @@ def teacher_run(args, arch):
     """(run name, command, checkpoint path or None) giving the FP teacher of ``arch`` and its test top-1:
     the given checkpoint evaluated, or a teacher trained first when ``--train-teachers`` asks for it."""
     given = args.teacher.get(arch) or SHARED / "teachers" / f"{arch}_fp.pth.tar"
-    if arch in args.teacher or (given.exists() and not args.train_teachers):
+    if arch in args.teacher or not args.train_teachers:
         if not given.exists():
             raise SystemExit(f"no FP teacher for {arch} at {given}: give --teacher {arch}=PATH (a Distiller "
-                             f"checkpoint) or --train-teachers")
+                             f"checkpoint) or --train-teachers to train one first")
         return f"{arch}_fp", command(args, arch, f"{arch}_fp", "--evaluate", "--exp-load-weights-from",
                                      given.resolve()), given.resolve()
-    if not args.train_teachers:
-        raise SystemExit(f"no FP teacher for {arch} at {given}: give --teacher {arch}=PATH (a Distiller checkpoint) "
-                         f"or --train-teachers to train one first")
     name = f"{arch}_fp_trained"
     options = training_options(args, args.teacher_lr, args.teacher_epochs, args.teacher_train_size, wd="5e-4")
     return name, command(args, arch, name, *options, "--compress", args.schedules / "fp_teacher.yaml"), None
@@ -148,6 +140,7 @@ def trained_checkpoint(args, name):
 
 
 def write_results(args, runs, results):
+    import torch
     lines = ["# DoReFa vs DCQ (top-1 %, test set, after the last epoch)", "",
              f"Made by `python -m distiller_dcq.report.reproduce {' '.join(sys.argv[1:])}`; every run: Distiller's "
              f"unmodified compress_classifier.py, {args.epochs} epochs from the FP teacher (DoReFa 'scratch': from "
@@ -157,7 +150,7 @@ def write_results(args, runs, results):
                 if args.ablations and (args.ablation_epochs, float(args.ablation_train_size)) != (
                     args.epochs, float(args.train_size)) else "") + ".", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch "
-             f"{torch_version()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; finished "
+             f"{torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; finished "
              f"{datetime.date.today()}.", ""]
     if any(NETWORKS[a]["data"] == CIFAR_JPEG and a not in args.data for a in args.networks):
         lines += ["CIFAR-10 figures come from the lossy JPEG copy (`../shared/data/cifar10-jpeg`): compare methods "
