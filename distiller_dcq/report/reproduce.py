@@ -177,7 +177,7 @@ def write_results(args, runs, results):
     stitched = [(run.name, results[run.name].get("stitched_top1")) for run in runs]
     stitched = [(name, values) for name, values in stitched if values]
     if stitched:
-        lines += ["", "| DCQ run | validation top-1 of the stitched network at each merge |", "|---|---|"] + [
+        lines += ["", "| run with a section policy | validation top-1 of the stitched network at each merge |", "|---|---|"] + [
             f"| {name} | {' / '.join(f'{v:.2f}' for v in values)} |" for name, values in stitched]
     named = list(args.teacher_runs.values()) + [run.name for run in runs]
     lines += ["", "## Commands", ""] + [f"- {name}: `{' '.join(results[name]['cmd'])}`" for name in named]
