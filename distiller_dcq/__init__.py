@@ -3,10 +3,10 @@
 ``distiller_dcq.engine`` is plain PyTorch. Importing this package (which the installed
 ``distiller_dcq.pth`` does at every interpreter start) only arranges that, whenever Distiller is
 imported, our YAML classes are registered with ``distiller.config`` and the compat patches for
-today's Python/PyTorch/pandas are applied. Set ``DISTILLER_DCQ_NO_AUTOLOAD=1`` to stop the
+today's Python/PyTorch/pandas/setuptools are applied. Set ``DISTILLER_DCQ_NO_AUTOLOAD=1`` to stop the
 ``.pth`` file from doing so.
 """
-from ._hooks import when_imported
+from ._hooks import before_import, when_imported
 
 __version__ = "0.1.0"
 
@@ -16,4 +16,10 @@ def _on_distiller_imported(distiller):
     register(distiller)
 
 
+def _provide_pkg_resources():
+    from ._pkg_resources import provide
+    provide()
+
+
+before_import("distiller", _provide_pkg_resources)  # Distiller imports it; setuptools >= 82 lacks it
 when_imported("distiller", _on_distiller_imported)

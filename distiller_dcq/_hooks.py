@@ -1,4 +1,4 @@
-"""Run a function right after a module is imported (or at once if it already is).
+"""Run a function right before or right after a module is imported.
 
 This is how ``distiller_dcq`` reaches into Distiller without importing it: the hooks fire when
 the user's program imports Distiller, whatever the import order. Imports nothing heavy, because
@@ -7,34 +7,45 @@ the ``distiller_dcq.pth`` file installed with the package runs it at every inter
 import importlib.abc
 import sys
 
-_pending = {}  # module name -> callbacks still to run
+_before, _after = {}, {}  # module name -> callbacks still to run
 
 
 def when_imported(module_name, callback):
-    """Call ``callback(module)`` once ``module_name`` has finished importing."""
+    """Call ``callback(module)`` once ``module_name`` has finished importing (at once if it has)."""
     if module_name in sys.modules:
         callback(sys.modules[module_name])
         return
-    _pending.setdefault(module_name, []).append(callback)
-    if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PostImportFinder())
+    _after.setdefault(module_name, []).append(callback)
+    _install_finder()
 
 
-class _PostImportFinder(importlib.abc.MetaPathFinder):
+def before_import(module_name, callback):
+    """Call ``callback()`` right before ``module_name``'s code first runs (never, if it already has)."""
+    if module_name not in sys.modules:
+        _before.setdefault(module_name, []).append(callback)
+        _install_finder()
+
+
+def _install_finder():
+    if not any(isinstance(f, _HookingFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _HookingFinder())
+
+
+class _HookingFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
-        if fullname not in _pending:
+        if fullname not in _before and fullname not in _after:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
-                spec.loader = _PostImportLoader(spec.loader)
+                spec.loader = _HookingLoader(spec.loader)
                 return spec
         return None
 
 
-class _PostImportLoader(importlib.abc.Loader):
+class _HookingLoader(importlib.abc.Loader):
     def __init__(self, loader):
         self.loader = loader
 
@@ -42,8 +53,10 @@ class _PostImportLoader(importlib.abc.Loader):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
+        for callback in _before.pop(module.__name__, []):
+            callback()
         self.loader.exec_module(module)
-        for callback in _pending.pop(module.__name__, []):
+        for callback in _after.pop(module.__name__, []):
             callback(module)
 
     def __getattr__(self, name):

@@ -1,0 +1,60 @@
+"""What Distiller uses of ``pkg_resources``, for a Python whose setuptools (>= 82) no longer has it.
+
+Distiller calls ``require(name)[0].version``, catches ``DistributionNotFound``, compares versions
+with ``parse_version`` and lists ``working_set`` (each entry's ``key`` and ``version``) in its run
+log. This module gives exactly that, from ``importlib.metadata``; ``provide()`` installs it as
+``pkg_resources`` only when the real one cannot be imported.
+"""
+import importlib.metadata
+import importlib.util
+import re
+import sys
+import types
+
+
+class DistributionNotFound(Exception):
+    """No installed distribution has this name."""
+
+
+class Distribution:
+    def __init__(self, name, version):
+        self.project_name, self.key, self.version = name, name.lower(), version
+
+    def __repr__(self):
+        return f"{self.project_name} {self.version}"
+
+
+def require(name):
+    try:
+        return [Distribution(name, importlib.metadata.version(name))]
+    except importlib.metadata.PackageNotFoundError:
+        raise DistributionNotFound(name) from None
+
+
+def parse_version(version):
+    try:
+        from packaging.version import Version
+        return Version(version)
+    except ImportError:  # no packaging: compare the leading release numbers
+        return tuple(int(n) for n in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+class _WorkingSet:
+    """The installed distributions, read each time it is iterated."""
+
+    def __iter__(self):
+        return iter([Distribution(d.metadata["Name"], d.version) for d in importlib.metadata.distributions()
+                     if d.metadata["Name"]])
+
+
+working_set = _WorkingSet()
+
+
+def provide():
+    """Make ``import pkg_resources`` work: the real module if installed, else this stand-in."""
+    if "pkg_resources" in sys.modules or importlib.util.find_spec("pkg_resources") is not None:
+        return
+    module = types.ModuleType("pkg_resources", __doc__)
+    for name in ("DistributionNotFound", "Distribution", "require", "parse_version", "working_set"):
+        setattr(module, name, globals()[name])
+    sys.modules["pkg_resources"] = module
