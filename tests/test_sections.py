@@ -296,3 +296,87 @@ def test_a_module_the_forward_pass_never_calls_cannot_be_a_boundary():
     model.unused = nn.ReLU()
     with pytest.raises(ValueError, match=r"\['unused'\] never run in LeNet's forward pass"):
         SectionWiring(model, copy.deepcopy(model), ["unused"], example_input=X)
+
+
+# --- what sequential mode freezes ------------------------------------------------------------------
+
+class LeNetWithOutputScale(LeNet):
+    """LeNet with a parameter registered on the model itself: it belongs to no section."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+def test_frozen_parameters_are_found_by_owner_and_stale_gradients_do_not_move_them():
+    torch.manual_seed(0)
+    teacher = LeNetWithOutputScale()
+    student = copy.deepcopy(teacher)
+    quantize_weights_(student, BinaryWeights(scale="layer"))  # FP weights: <layer>.parametrizations.weight.original
+    wiring = SectionWiring(student, teacher, ["pool1", "relu3"], example_input=X, section_inputs="student").split()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+
+    def step():
+        student.train()(torch.randn(8, 1, 28, 28))
+        optimizer.zero_grad(set_to_none=False)  # keeps every gradient tensor, zeroed
+        sum(wiring.section_losses().values()).backward()
+        optimizer.step()
+
+    step()  # all sections: every parameter has a gradient tensor and a momentum buffer
+    with pytest.warns(UserWarning, match=r"parameters \['scale'\] belong to no section"):
+        wiring.train_sections(["relu3"])
+    owners = {name: section for section, params in wiring._sections_by_owner(student.named_parameters()).items()
+              for name, _ in params}
+    assert owners["conv1.parametrizations.weight.original"] == "pool1" and owners["fc2.bias"] == "output"
+    assert owners["fc1.parametrizations.weight.original"] == "relu3" and owners["scale"] is None
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    step()
+    step()
+    for name, p in student.named_parameters():
+        assert torch.equal(p, before[name]) == (owners[name] != "relu3"), name
+
+
+def test_frozen_sections_keep_their_batchnorm_statistics():
+    torch.manual_seed(0)
+    teacher = nn.Sequential()
+    teacher.add_module("conv1", nn.Conv2d(1, 4, 3)), teacher.add_module("bn1", nn.BatchNorm2d(4))
+    teacher.add_module("relu1", nn.ReLU()), teacher.add_module("conv2", nn.Conv2d(4, 4, 3))
+    teacher.add_module("bn2", nn.BatchNorm2d(4)), teacher.add_module("relu2", nn.ReLU())
+    teacher.add_module("flat", nn.Flatten()), teacher.add_module("fc", nn.Linear(4 * 24 * 24, 10))
+    student = copy.deepcopy(teacher)
+    wiring = SectionWiring(student, teacher, ["relu1"], example_input=X, section_inputs="student").split()
+    wiring.train_sections(["output"])
+    bn1, bn2 = ({k: v.clone() for k, v in bn.state_dict().items()} for bn in (student.bn1, student.bn2))
+    student.train()(torch.randn(8, 1, 28, 28) + 3)
+    assert all(torch.equal(v, student.bn1.state_dict()[k]) for k, v in bn1.items())
+    assert not torch.equal(bn2["running_mean"], student.bn2.running_mean)
+    wiring.merge()
+    student.train()(torch.randn(8, 1, 28, 28) + 3)
+    assert not torch.equal(bn1["running_mean"], student.bn1.running_mean)
+
+
+# --- automatic cuts --------------------------------------------------------------------------------
+
+class TopLevelSkip(nn.Module):
+    """A skip connection from relu1's output to the head: cuts at relu2 and relu3 would be crossed by it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.relu1 = nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()
+        self.conv2, self.relu2 = nn.Conv2d(4, 64, 3, padding=1), nn.ReLU()
+        self.conv3, self.relu3 = nn.Conv2d(64, 4, 3, padding=1), nn.ReLU()
+        self.head = nn.Linear(4 * 28 * 28, 10)
+
+    def forward(self, x):
+        a = self.relu1(self.conv1(x))
+        return self.head((self.relu3(self.conv3(self.relu2(self.conv2(a)))) + a).flatten(1))
+
+
+def test_num_sections_never_cuts_across_a_skip_connection():
+    model = TopLevelSkip()
+    assert balanced_boundaries(model, 2, X) == ["relu1"]  # relu2 balances the MACs best, but a skip crosses it
+    with pytest.raises(ValueError, match=r"into 3 sections: its top-level blocks allow at most 2 \(relu1 can end"):
+        SectionWiring(model, copy.deepcopy(model), num_sections=3, example_input=X)

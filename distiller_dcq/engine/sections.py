@@ -10,11 +10,13 @@ output. While the wiring is split, every training-mode forward of the student
 
 Gradients therefore never cross a section border. All sections learn in the same step, unless
 ``train_sections`` names some: the others are then frozen (no gradient, so no optimizer update at
-all) - section by section, with student inputs, that is the sequential mode.
+all, and BatchNorm running statistics kept) - section by section, with student inputs, that is the
+sequential mode.
 Eval-mode forwards are left alone: validating the student always measures the stitched network.
 ``merge()`` removes the hooks, unfreezes, and leaves one ordinary network.
 """
 import itertools
+import warnings
 import weakref
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -31,6 +33,21 @@ _SPLIT_STUDENTS = weakref.WeakKeyDictionary()  # student -> the wiring currently
 
 def _drop_grad(param):
     param.grad = None
+
+
+def _keep_running_statistics(module):
+    """Hooks that put ``module``'s buffers (BatchNorm running statistics) back after each forward."""
+    saved = {}
+
+    def save(m, inputs):
+        saved.update((n, b.clone()) for n, b in m.named_buffers(recurse=False))
+
+    def restore(m, inputs, output):
+        with torch.no_grad():
+            for n, b in m.named_buffers(recurse=False):
+                b.copy_(saved[n])
+
+    return [module.register_forward_pre_hook(save), module.register_forward_hook(restore)]
 
 
 def _strip_parallel_prefix(name):
@@ -92,7 +109,8 @@ def trace_forward(model, example_input):
 def balanced_boundaries(model, num_sections, example_input):
     """Choose ``num_sections - 1`` boundaries among the top-level children of ``model``, so that the
     most expensive section (conv/linear MACs) is as cheap as possible. A child can end a section
-    only if the next child holds a conv or linear layer: cuts fall after ReLUs and poolings."""
+    only if the next child holds a conv or linear layer (cuts fall after ReLUs and poolings) and a
+    cut there is valid (``validate_boundaries``: it runs once, no skip connection crosses it)."""
     if not isinstance(num_sections, int) or num_sections < 1:
         raise ValueError(f"num_sections must be an integer >= 1, got {num_sections!r}")
     trace = trace_forward(model, example_input)
@@ -105,7 +123,14 @@ def balanced_boundaries(model, num_sections, example_input):
     def has_weights(child):
         return any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in children[child].modules())
 
-    candidates = [i for i in range(len(ordered) - 1) if has_weights(ordered[i + 1])]
+    def valid_cut(child):
+        try:
+            validate_boundaries(model, [child], example_input)
+            return True
+        except ValueError:
+            return False
+
+    candidates = [i for i in range(len(ordered) - 1) if has_weights(ordered[i + 1]) and valid_cut(ordered[i])]
     if num_sections - 1 > len(candidates):
         raise ValueError(f"cannot cut {type(model).__name__} into {num_sections} sections: its top-level blocks "
                          f"allow at most {len(candidates) + 1} ({', '.join(ordered[i] for i in candidates)} can end "
@@ -118,7 +143,7 @@ def balanced_boundaries(model, num_sections, example_input):
 
     best = min(itertools.combinations(candidates, num_sections - 1),
                key=lambda cuts: (max(section_costs(cuts)), sum(c * c for c in section_costs(cuts))))
-    return [ordered[i] for i in best]
+    return validate_boundaries(model, [ordered[i] for i in best], example_input) if best else []
 
 
 def validate_boundaries(model, boundaries, example_input):
@@ -276,22 +301,36 @@ class SectionWiring:
         self.train_sections(None)
         return self.student
 
-    def section_parameters(self):
-        """Section name -> the student's parameters in that section (modules in forward order)."""
+    def _sections_by_owner(self, named_items):
+        """Section name -> the items of ``named_items`` (dotted names, as ``named_parameters()`` gives)
+        whose owner, the innermost module of the forward pass along their name, lies in that section;
+        items of no section (on the model itself, on modules the forward never calls) under ``None``."""
         trace = trace_forward(self.student, self.example_input)
-        ends = [trace.order.index(b) for b in self.boundaries]
-        params = OrderedDict((name, []) for name in self.section_names)
-        for name, module in _module_index(self.student).items():
-            if name in trace.order:
-                section = self.section_names[sum(end < trace.order.index(name) for end in ends)]
-                params[section] += [p for p in module.parameters(recurse=False)]
-        return params
+        position = {name: i for i, name in enumerate(trace.order)}
+        ends = [position[b] for b in self.boundaries]
+        found = OrderedDict((name, []) for name in self.section_names + [None])
+        for name, item in named_items:
+            parts = name.split(".")
+            owner = next((".".join(parts[:k]) for k in range(len(parts), 0, -1) if ".".join(parts[:k]) in position),
+                         None)
+            found[None if owner is None else self.section_names[sum(end < position[owner] for end in ends)]].append(
+                (name, item))
+        return found
+
+    def section_parameters(self):
+        """Section name -> the student's parameters in that section, each with the module that owns it:
+        a quantizer's FP copy (``conv1.parametrizations.weight.original``, Distiller's
+        ``conv1.float_weight``) goes with its layer. Parameters of no section are under ``None``."""
+        named = self._sections_by_owner(_unwrap(self.student).named_parameters())
+        return OrderedDict((section, [p for _, p in items]) for section, items in named.items())
 
     def train_sections(self, names):
         """Train only the sections named (``None``: all) and freeze the others: any gradient reaching a
-        frozen parameter is dropped (``grad`` stays ``None``), so optimizers skip it entirely. Its
-        ``requires_grad`` is left alone: weights derived from it (fake-quantized copies) keep their
-        autograd graph and learn at once when the section is trained again."""
+        frozen parameter is dropped (``grad`` stays ``None``), so optimizers skip it entirely (no
+        momentum, no weight decay), and their BatchNorm running statistics are put back after every
+        forward. Parameters of no section are frozen too, with a warning. ``requires_grad`` is left
+        alone: weights derived from a frozen parameter (fake-quantized copies) keep their autograd
+        graph and learn at once when the section is trained again."""
         names = list(self.section_names) if names is None else list(names)
         unknown = [n for n in names if n not in self.section_names]
         if unknown:
@@ -302,9 +341,19 @@ class SectionWiring:
         if names != self.section_names:
             if not hasattr(torch.Tensor, "register_post_accumulate_grad_hook"):
                 raise NotImplementedError("training some sections only (sequential mode) needs torch >= 2.1")
-            for section, params in self.section_parameters().items():
-                if section not in names:
-                    self._frozen += [p.register_post_accumulate_grad_hook(_drop_grad) for p in params]
+            params = self._sections_by_owner(_unwrap(self.student).named_parameters())
+            if params[None]:
+                warnings.warn(f"parameters {[n for n, _ in params[None]]} belong to no section (registered on the "
+                              f"model itself, or on modules its forward never calls): they stay frozen while only "
+                              f"some sections train; register them on the module that uses them", stacklevel=2)
+            modules = self._sections_by_owner(_unwrap(self.student).named_modules())
+            for section in [s for s in self.section_names if s not in names] + [None]:
+                for _, param in params[section]:
+                    param.grad = None  # a stale gradient (zero_grad(set_to_none=False)) would still move it
+                    self._frozen.append(param.register_post_accumulate_grad_hook(_drop_grad))
+                for _, module in modules[section]:
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        self._frozen += _keep_running_statistics(module)
         self.trained_sections = names
         return self
 
