@@ -16,10 +16,10 @@ def _on_distiller_imported(distiller):
     register(distiller)
 
 
-def _provide_pkg_resources():
-    from ._pkg_resources import provide
-    provide()
+def _lend_pkg_resources():
+    from ._pkg_resources import lend
+    return lend()
 
 
-before_import("distiller", _provide_pkg_resources)  # Distiller imports it; setuptools >= 82 lacks it
+before_import("distiller", _lend_pkg_resources)  # Distiller imports it; setuptools >= 82 lacks it
 when_imported("distiller", _on_distiller_imported)

@@ -20,7 +20,8 @@ def when_imported(module_name, callback):
 
 
 def before_import(module_name, callback):
-    """Call ``callback()`` right before ``module_name``'s code first runs (never, if it already has)."""
+    """Call ``callback()`` right before ``module_name``'s code first runs (never, if it already has).
+    If it returns a function, that is called once the module's code has run (or failed)."""
     if module_name not in sys.modules:
         _before.setdefault(module_name, []).append(callback)
         _install_finder()
@@ -53,9 +54,12 @@ class _HookingLoader(importlib.abc.Loader):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
-        for callback in _before.pop(module.__name__, []):
-            callback()
-        self.loader.exec_module(module)
+        undo = [callback() for callback in _before.pop(module.__name__, [])]
+        try:
+            self.loader.exec_module(module)
+        finally:
+            for fn in filter(None, undo):
+                fn()
         for callback in _after.pop(module.__name__, []):
             callback(module)
 

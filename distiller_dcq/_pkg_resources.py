@@ -2,8 +2,9 @@
 
 Distiller calls ``require(name)[0].version``, catches ``DistributionNotFound``, compares versions
 with ``parse_version`` and lists ``working_set`` (each entry's ``key`` and ``version``) in its run
-log. This module gives exactly that, from ``importlib.metadata``; ``provide()`` installs it as
-``pkg_resources`` only when the real one cannot be imported.
+log. This module gives exactly that, from ``importlib.metadata``. ``lend()`` makes it importable as
+``pkg_resources`` while Distiller imports, and only when the real one is missing: other programs
+(pytest, for one) take a ``pkg_resources`` in ``sys.modules`` for the real one.
 """
 import importlib.metadata
 import importlib.util
@@ -50,11 +51,13 @@ class _WorkingSet:
 working_set = _WorkingSet()
 
 
-def provide():
-    """Make ``import pkg_resources`` work: the real module if installed, else this stand-in."""
+def lend():
+    """If ``pkg_resources`` cannot be imported, make this stand-in importable under its name; return
+    the function that takes it back out of ``sys.modules`` (modules that imported it keep it)."""
     if "pkg_resources" in sys.modules or importlib.util.find_spec("pkg_resources") is not None:
-        return
+        return None
     module = types.ModuleType("pkg_resources", __doc__)
     for name in ("DistributionNotFound", "Distribution", "require", "parse_version", "working_set"):
         setattr(module, name, globals()[name])
     sys.modules["pkg_resources"] = module
+    return lambda: sys.modules.pop("pkg_resources", None) if sys.modules.get("pkg_resources") is module else None

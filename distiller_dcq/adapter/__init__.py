@@ -3,8 +3,8 @@
 The only package that imports Distiller; ``distiller_dcq.engine`` never does.
 """
 from .._hooks import when_imported
-from .compat import (patch_checkpoint_loading, patch_class_name_errors, patch_pandas_precision, patch_policy_windows,
-                     patch_quantizer_prepare, patch_resumed_lr, patch_scheduler_state)
+from .compat import (patch_checkpoint_loading, patch_class_name_errors, patch_criterion_loss, patch_pandas_precision,
+                     patch_policy_windows, patch_quantizer_prepare, patch_resumed_lr, patch_scheduler_state)
 from .datasets import patch_cifar10_image_folders, register_svhn
 from .policy import SectionalKDPolicy
 from .quantizer import DCQQuantizer
@@ -26,6 +26,7 @@ def register(distiller):
     patch_quantizer_prepare(quantizer_module)
     patch_resumed_lr(config, distiller.LRPolicy)
     patch_scheduler_state(distiller.CompressionScheduler)
+    patch_criterion_loss(distiller.CompressionScheduler)
     patch_class_name_errors(config)
     patch_cifar10_image_folders(data_loaders, distiller.apputils)
     register_svhn(data_loaders, distiller.apputils, distiller.models)

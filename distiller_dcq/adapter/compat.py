@@ -14,7 +14,7 @@ import random
 import numpy as np
 import torch
 
-from .checkpoints import distiller_checkpoint_globals
+from .checkpoints import torch_load_distiller_checkpoint
 
 PATCHED = "patched_by_distiller_dcq"
 RESTORED_QUANTIZER = "distiller_dcq_restored_quantizer"  # model attribute: the quantizer rebuilt from a checkpoint
@@ -83,11 +83,10 @@ def patch_pandas_precision(model_summaries):
 class _TorchForDistillerCheckpoints:
     """``torch`` as ``distiller.apputils.checkpoint`` sees it. Its ``load``:
 
-    - always loads with ``weights_only=True`` (torch >= 2.6's default; older torch would unpickle
-      anything), allowing exactly the classes Distiller checkpoints reference
-      (``distiller_checkpoint_globals``): a checkpoint can never run code when loaded;
+    - always loads with ``weights_only=True`` and exactly the allow-list of ``checkpoints.py``
+      (older torch would unpickle anything): a checkpoint can never run code when loaded;
     - makes ``quantizer_metadata['type']`` rebuildable: Distiller calls it without the ``optimizer``
-      its DoReFa-family quantizers require (Distiller issues #367, #536), so it gets a placeholder one
+      its QAT quantizers require (Distiller issues #367, #536), so it gets a placeholder one
       (training builds its own), and the rebuilt quantizer is remembered on the model.
     """
 
@@ -95,11 +94,9 @@ class _TorchForDistillerCheckpoints:
         self._torch = torch_module
 
     def load(self, *args, **kwargs):
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(distiller_checkpoint_globals()):
-            checkpoint = self._torch.load(*args, **kwargs)
+        checkpoint = torch_load_distiller_checkpoint(self._torch.load, *args, **kwargs)
         metadata = checkpoint.get("quantizer_metadata") if isinstance(checkpoint, dict) else None
-        if metadata and isinstance(metadata.get("type"), type):
+        if metadata:
             metadata["type"] = _rebuild_quantizer(metadata["type"])
         return checkpoint
 
@@ -141,7 +138,7 @@ def patch_quantizer_prepare(quantizer_module):
     def prepare_model(self, dummy_input=None):
         restored = getattr(self.model, RESTORED_QUANTIZER, None)
         if restored is not None and restored is not self:
-            return _adopt(self, restored)
+            return _adopt(self, restored, dummy_input)
         order = {module: list(module._parameters) for module in self.model.modules()}
         original(self, dummy_input)
         for module, names in order.items():
@@ -159,7 +156,7 @@ def _keep_parameter_order(module, names, prefix):
     params.update(ordered)
 
 
-def _adopt(quantizer, restored):
+def _adopt(quantizer, restored, dummy_input):
     ours, theirs = quantizer.model.quantizer_metadata["params"], restored.checkpoint_params
     if type(quantizer) is not type(restored) or ours != theirs:
         raise ValueError(f"the schedule's quantizer ({type(quantizer).__name__} {dict(ours)}) differs from the one "
@@ -169,7 +166,8 @@ def _adopt(quantizer, restored):
     quantizer.modules_processed = restored.modules_processed
     quantizer.modules_processed_args = restored.modules_processed_args
     quantizer.prepared = True
-    delattr(quantizer.model, RESTORED_QUANTIZER)
+    quantizer.model.quantizer_metadata["dummy_input"] = dummy_input  # as prepare_model records it: a resumed run's
+    delattr(quantizer.model, RESTORED_QUANTIZER)                     # checkpoint must load like the first one
 
 
 # --- 4. LR schedulers on resume -----------------------------------------------------------------------
@@ -196,18 +194,26 @@ def patch_resumed_lr(config_module, lr_policy_cls):
     config_module.dict_config = _mark(dict_config)
 
 
-# --- 5. our policies' state in Distiller checkpoints -----------------------------------------------------
+# --- 5. resuming exactly: RNG states and our policies' state in Distiller checkpoints -----------------
+
+RNG_KEY = "distiller_dcq_rng"  # key of the RNG states in Distiller's 'compression_sched' state
+
 
 def patch_scheduler_state(scheduler_cls):
-    """``CompressionScheduler.state_dict`` (saved in every checkpoint) also holds the state of our
-    policies (``checkpoint_state()``); ``load_state_dict`` leaves it on the model for them to find."""
+    """``CompressionScheduler.state_dict`` (saved in every checkpoint) also holds the RNG states and
+    the state of our policies (``checkpoint_state()``). ``load_state_dict`` leaves the policies'
+    states on the model for them to find, and the first ``on_epoch_begin`` after it restores the RNG
+    states, so that a resumed run draws the same data order (and everything else random) as an
+    uninterrupted one, with or without our policies."""
     if _is_patched(scheduler_cls.state_dict):
         return
-    original_save, original_load = scheduler_cls.state_dict, scheduler_cls.load_state_dict
+    original_save, original_load, original_epoch_begin = (scheduler_cls.state_dict, scheduler_cls.load_state_dict,
+                                                          scheduler_cls.on_epoch_begin)
 
     @functools.wraps(original_save)
     def state_dict(self):
         state = original_save(self)
+        state[RNG_KEY] = rng_state()
         ours = {p.name: p.checkpoint_state() for p in self.sched_metadata if hasattr(p, "checkpoint_state")}
         if ours:
             state[POLICY_STATES_KEY] = ours
@@ -216,26 +222,64 @@ def patch_scheduler_state(scheduler_cls):
     @functools.wraps(original_load)
     def load_state_dict(self, state, normalize_dataparallel_keys=False):
         original_load(self, state, normalize_dataparallel_keys)
+        self.distiller_dcq_rng_to_restore = state.get(RNG_KEY)
         if POLICY_STATES_KEY in state:
             setattr(self.model, RESUMED_POLICY_STATES, state[POLICY_STATES_KEY])
 
+    @functools.wraps(original_epoch_begin)
+    def on_epoch_begin(self, *args, **kwargs):
+        if getattr(self, "distiller_dcq_rng_to_restore", None) is not None:
+            set_rng_state(self.distiller_dcq_rng_to_restore)
+            self.distiller_dcq_rng_to_restore = None
+        return original_epoch_begin(self, *args, **kwargs)
+
     scheduler_cls.state_dict = _mark(state_dict)
     scheduler_cls.load_state_dict = _mark(load_state_dict)
+    scheduler_cls.on_epoch_begin = _mark(on_epoch_begin)
+
+
+_criterion_losses = []  # the loss handed to each CompressionScheduler.before_backward_pass in progress
+
+
+def patch_criterion_loss(scheduler_cls):
+    """Distiller hands each policy's ``before_backward_pass`` the loss built by the policies before
+    it; keep the training criterion's own loss (cross-entropy) visible to ours (``criterion_loss``)."""
+    if _is_patched(scheduler_cls.before_backward_pass):
+        return
+    original = scheduler_cls.before_backward_pass
+
+    @functools.wraps(original)
+    def before_backward_pass(self, epoch, minibatch_id, minibatches_per_epoch, loss, *args, **kwargs):
+        _criterion_losses.append(loss)
+        try:
+            return original(self, epoch, minibatch_id, minibatches_per_epoch, loss, *args, **kwargs)
+        finally:
+            _criterion_losses.pop()
+
+    scheduler_cls.before_backward_pass = _mark(before_backward_pass)
+
+
+def criterion_loss():
+    """The training criterion's loss of the minibatch whose ``before_backward_pass`` is running, or None."""
+    return _criterion_losses[-1] if _criterion_losses else None
 
 
 def rng_state():
-    """Python, NumPy and torch RNG states, as tensors and ints (``weights_only``-loadable)."""
+    """Python, NumPy, torch (and CUDA's, where initialised) RNG states, as tensors and ints
+    (``weights_only``-loadable)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": (torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-            "python": random.getstate()}
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate(),
+            "numpy": (torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
     keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
-
 
 
 # --- 6. clearer errors for YAML class names ---------------------------------------------------------

@@ -3,14 +3,14 @@ import copy
 import itertools
 import logging
 
+import distiller.models
 import torch
-from distiller.models import create_model
 from distiller.policy import LossComponent, PolicyLoss, ScheduledTrainingPolicy
 from distiller.quantization.quantizer import FP_BKP_PREFIX
 
 from ..engine.sections import SectionWiring
 from .checkpoints import load_distiller_checkpoint
-from .compat import RESUMED_POLICY_STATES, rng_state, set_rng_state
+from .compat import RESUMED_POLICY_STATES, criterion_loss
 
 msglogger = logging.getLogger()
 MODES = {"parallel": "teacher", "sequential": "student"}  # mode -> where a section's input comes from
@@ -33,7 +33,9 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
             must add up to the policy's window.
         loss: poisson (default), kl, mse, l1, cosine.
         temperature: softens the probabilities of the last section (and kl's distributions).
-        label_weight: adds label_weight * cross-entropy(last section, labels) to the loss (default 0).
+        label_weight: weight of the training criterion's loss (cross-entropy on the labels) next to the
+            section losses (default 0: no labels). Terms added by policies scheduled before this one
+            (e.g. regularizers) are kept as they are.
         teacher: path to an FP checkpoint of the same architecture; default: the model as it stood
             when the schedule was built (load it with --exp-load-weights-from).
 
@@ -53,7 +55,6 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
         self.label_weight = float(label_weight)
         resumed = getattr(model, RESUMED_POLICY_STATES, {}).get(name)
         teacher_model = _fp_teacher(model, name, teacher, resumed)
-        self._rng_to_restore = resumed["rng"] if resumed else None
         example_input = torch.zeros(_input_shape(model), device=next(model.parameters()).device)
         self.wiring = SectionWiring(model, teacher_model, boundaries, num_sections=num_sections,
                                     example_input=example_input, loss=loss, temperature=temperature,
@@ -70,19 +71,18 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
     def checkpoint_state(self):
         """What a resumed run needs that Distiller's checkpoint lacks (saved with the scheduler's state)."""
         teacher = getattr(self.wiring.teacher, "module", self.wiring.teacher)
-        return {"teacher": teacher.state_dict(), "rng": rng_state()}
+        return {"teacher": teacher.state_dict()}
 
     def on_epoch_begin(self, model, zeros_mask_dict, meta, **kwargs):
-        if self._rng_to_restore is not None:  # first epoch after a resume: the data order continues
-            set_rng_state(self._rng_to_restore)
-            self._rng_to_restore = None
-        if meta.get("frequency") not in (None, 1):
-            raise ValueError(f"DCQ policy {self.name!r} needs frequency: 1 (its window is one stage), "
-                             f"got {meta['frequency']}")
+        if meta.get("frequency") != 1:
+            raise ValueError(f"DCQ policy {self.name!r} needs one contiguous window (its window is one stage): "
+                             f"schedule it with starting_epoch, ending_epoch and frequency: 1, not "
+                             + ("an epochs: list" if meta.get("frequency") is None else f"frequency: {meta['frequency']}"))
         if not self.wiring.is_split:
-            if not hasattr(model, "quantizer_metadata"):
-                raise ValueError(f"DCQ policy {self.name!r} found no quantizer on the model: declare one under "
-                                 f"quantizers: (class: DCQQuantizer) and schedule it under policies:")
+            if not _is_quantized(model):
+                raise ValueError(f"DCQ policy {self.name!r} found no quantized weights on the model: declare a "
+                                 f"quantizer under quantizers: (class: DCQQuantizer) and schedule it under policies: "
+                                 f"from the first epoch of the DCQ window")
             self.wiring.split()
             msglogger.info("DCQ %s: split into %d sections for epochs %d-%d", self.name,
                            len(self.wiring.section_names), meta["starting_epoch"], meta["ending_epoch"] - 1)
@@ -107,9 +107,14 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
         if not self.wiring.is_split:
             return None
         section_losses = self.wiring.section_losses()
+        criterion = criterion_loss()
+        if criterion is None:  # called outside CompressionScheduler.before_backward_pass: loss is the criterion's
+            criterion = loss
         overall = sum(section_losses.values())
+        if loss is not criterion:  # what earlier policies added to the criterion's loss stays
+            overall = overall + (loss - criterion)
         if self.label_weight:
-            overall = overall + self.label_weight * loss
+            overall = overall + self.label_weight * criterion
         components = [LossComponent(f"DCQ {name} {self.wiring.loss_name}", value)
                       for name, value in section_losses.items()]
         return PolicyLoss(overall, components)
@@ -137,7 +142,8 @@ def _fp_teacher(model, name, path, resumed):
                          f"without this policy?) and nothing says what the FP teacher was: name the FP checkpoint "
                          f"in the YAML (teacher: path/to/fp.pth.tar)")
     else:
-        teacher = create_model(False, model.dataset, model.arch, parallel=False, device_ids=-1)
+        # looked up at call time: datasets.py routes create_model for the networks it adds (SVHN)
+        teacher = distiller.models.create_model(False, model.dataset, model.arch, parallel=False, device_ids=-1)
         if path is None:
             teacher.load_state_dict(resumed["teacher"])
     if path is not None:
@@ -158,6 +164,12 @@ def _load_teacher_weights(teacher_model, path, model):
     checkpoint = load_distiller_checkpoint(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"teacher checkpoint {path!r} has no 'state_dict': give a Distiller checkpoint")
+    fp_copies = [k for k in checkpoint["state_dict"] if k.rsplit(".", 1)[-1].startswith(FP_BKP_PREFIX)]
+    if checkpoint.get("quantizer_metadata") or fp_copies:
+        found = "quantizer_metadata" if checkpoint.get("quantizer_metadata") else f"keys {fp_copies[:2]}"
+        raise ValueError(f"teacher checkpoint {path!r} holds a quantized model (it has {found}): the teacher must be "
+                         f"full precision; give the FP checkpoint the quantized run started from (its "
+                         f"--exp-load-weights-from)")
     arch = getattr(model, "arch", None)
     if arch and checkpoint.get("arch") not in (None, arch):
         raise ValueError(f"teacher checkpoint {path!r} is for arch {checkpoint['arch']!r}, but the model is "

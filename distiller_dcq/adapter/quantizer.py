@@ -4,6 +4,9 @@ from distiller.quantization.clipped_linear import DorefaQuantizer
 from ..engine.quantizers import BinaryWeights, DorefaWeights, make_weight_quantizer
 
 _MODE_BITS = {"binary": 1, "ternary": 2}
+# scale when the YAML gives none: least-squares per layer for binary/ternary (what Distiller's 1-bit
+# DoReFa does), none for k-bit DoReFa (Distiller's formula, which has no scale)
+DEFAULT_SCALE = {"binary": "layer", "ternary": "layer", "dorefa": "none"}
 
 
 class DCQQuantizer(DorefaQuantizer):
@@ -11,7 +14,8 @@ class DCQQuantizer(DorefaQuantizer):
 
     Args (YAML keys):
         weight_mode: ``binary`` {-1,+1}, ``ternary`` {-1,0,+1} or ``dorefa`` (k-bit, needs bits_weights).
-        scale: ``layer`` (one least-squares scale per tensor, default) or ``none`` (bare levels).
+        scale: ``layer`` (one least-squares scale per tensor) or ``none`` (bare levels); default: ``layer``
+            for binary/ternary weights, ``none`` for k-bit DoReFa (Distiller's formula), per layer kind.
         ternary_threshold: ternary zeroes |w| <= ternary_threshold * mean|w| (TWN: 0.7).
         bits_weights: only for ``dorefa``; binary is 1 bit and ternary is stored as 2.
         bits_activations: DoReFa activation bits (ReLU -> clipped [0, 1] levels); None keeps FP activations.
@@ -20,7 +24,7 @@ class DCQQuantizer(DorefaQuantizer):
             bit width gives that layer k-bit DoReFa weights (1 bit: binary).
     """
 
-    def __init__(self, model, optimizer, weight_mode="binary", scale="layer", ternary_threshold=0.7,
+    def __init__(self, model, optimizer, weight_mode="binary", scale=None, ternary_threshold=0.7,
                  bits_weights=None, bits_activations=None, bits_bias=None, overrides=None):
         self.weight_quantizer = self._main_quantizer(weight_mode, scale, ternary_threshold, bits_weights)
         super().__init__(model, optimizer, bits_activations=bits_activations,
@@ -33,6 +37,7 @@ class DCQQuantizer(DorefaQuantizer):
 
     @staticmethod
     def _main_quantizer(weight_mode, scale, ternary_threshold, bits_weights):
+        scale = scale or DEFAULT_SCALE.get(weight_mode, "layer")
         if weight_mode in _MODE_BITS and bits_weights not in (None, _MODE_BITS[weight_mode]):
             raise ValueError(f"weight_mode {weight_mode} has {_MODE_BITS[weight_mode]} bit(s), but bits_weights is "
                              f"{bits_weights}: drop bits_weights, or use weight_mode dorefa for k-bit weights")
@@ -47,5 +52,7 @@ class DCQQuantizer(DorefaQuantizer):
     def _quantize_param(self, param_fp, param_meta):
         bits = param_meta.num_bits
         if bits not in self._by_bits:
-            self._by_bits[bits] = BinaryWeights(self.scale) if bits == 1 else DorefaWeights(bits, self.scale)
+            kind = "binary" if bits == 1 else "dorefa"
+            scale = self.scale or DEFAULT_SCALE[kind]
+            self._by_bits[bits] = BinaryWeights(scale) if bits == 1 else DorefaWeights(bits, scale)
         return self._by_bits[bits](param_fp)

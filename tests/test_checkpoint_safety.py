@@ -1,0 +1,115 @@
+"""Loading a checkpoint never runs code from it, and loads what Distiller really saves (real Distiller)."""
+import collections
+import pickle
+
+import pytest
+import torch
+
+from distiller_env import import_distiller
+
+distiller = import_distiller()
+from distiller import apputils  # noqa: E402
+from distiller.models import create_model  # noqa: E402
+from distiller.quantization.range_linear import PostTrainLinearQuantizer  # noqa: E402
+
+from distiller_dcq.adapter import DCQQuantizer  # noqa: E402
+from distiller_dcq.adapter.checkpoints import load_distiller_checkpoint  # noqa: E402
+
+
+def lenet():
+    return create_model(False, "mnist", "simplenet_mnist", parallel=False, device_ids=-1)
+
+
+def evil_stats_file(tmp_path):
+    """A YAML file that runs a shell command when read with PyYAML's unsafe loader (Distiller's)."""
+    marker = tmp_path / "pwned"
+    stats = tmp_path / "stats.yaml"
+    stats.write_text(f'!!python/object/apply:os.system ["touch {marker}"]\n')
+    return stats, marker
+
+
+class FakeModel:
+    """Unpickles as an OrderedDict whose ``named_modules`` is ``OrderedDict``: enough of a model for
+    ``Quantizer.__init__``, built from globals that torch allows by default."""
+
+    def __reduce__(self):
+        return collections.OrderedDict, (), {"named_modules": collections.OrderedDict}
+
+
+class CallsPostTrainQuantizer:
+    """Unpickles by calling PostTrainLinearQuantizer, which reads the YAML file named by its 9th argument."""
+
+    def __init__(self, stats):
+        self.stats = str(stats)
+
+    def __reduce__(self):
+        return PostTrainLinearQuantizer, (FakeModel(), 8, 8, 32, None, "SYMMETRIC", "NONE", False, self.stats)
+
+
+def test_a_checkpoint_that_calls_an_allowed_quantizer_class_runs_no_code(tmp_path):
+    stats, marker = evil_stats_file(tmp_path)
+    path = tmp_path / "evil.pth.tar"
+    torch.save({"state_dict": {}, "arch": "simplenet_mnist", "x": CallsPostTrainQuantizer(stats)}, path)
+    with pytest.raises(ValueError, match="cannot be loaded safely"):
+        load_distiller_checkpoint(str(path))
+    with pytest.raises(Exception):
+        apputils.load_checkpoint(lenet(), str(path))
+    assert not marker.exists()
+
+
+def test_a_checkpoint_whose_quantizer_metadata_names_a_file_reading_quantizer_runs_no_code(tmp_path):
+    stats, marker = evil_stats_file(tmp_path)
+    path = tmp_path / "evil.pth.tar"
+    torch.save({"state_dict": lenet().state_dict(), "arch": "simplenet_mnist",
+                "quantizer_metadata": {"type": PostTrainLinearQuantizer, "dummy_input": None,
+                                       "params": {"model_activation_stats": str(stats)}}}, path)
+    with pytest.raises(Exception, match="PostTrainLinearQuantizer"):
+        apputils.load_checkpoint(lenet(), str(path))  # Distiller would call the class with these params
+    assert not marker.exists()
+
+
+class CallsSGD:
+    def __reduce__(self):
+        return torch.optim.SGD, ([torch.zeros(1)], 0.1)
+
+
+def test_optimizer_classes_are_only_names_in_a_checkpoint(tmp_path):
+    path = tmp_path / "calls_sgd.pth.tar"
+    torch.save({"state_dict": {}, "optimizer": CallsSGD()}, path)
+    with pytest.raises(ValueError, match=r"calls torch.optim.sgd.SGD, which a Distiller checkpoint never does"):
+        load_distiller_checkpoint(str(path))
+    named = tmp_path / "names_module.pth.tar"
+    torch.save({"state_dict": {}, "optimizer_type": collections.OrderedDict}, named)
+    with pytest.raises(ValueError, match=r"optimizer_type is .*OrderedDict.*only these can be rebuilt: torch.optim"):
+        load_distiller_checkpoint(str(named))
+
+
+def test_a_thinned_checkpoint_loads(tmp_path):
+    from distiller.thinning import ThinningRecipe
+    model = lenet()
+    keep = torch.arange(0, 500, 2)  # fc1's even outputs, fc2's matching inputs
+    model.thinning_recipes = [ThinningRecipe(modules={}, parameters={"fc1.weight": [(0, keep)],
+                                                                     "fc1.bias": [(0, keep)],
+                                                                     "fc2.weight": [(1, keep)]})]
+    distiller.execute_thinning_recipes_list(model, None, model.thinning_recipes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    apputils.save_checkpoint(1, "simplenet_mnist", model, optimizer=optimizer, dir=str(tmp_path))
+    checkpoint = load_distiller_checkpoint(str(tmp_path / "checkpoint.pth.tar"))
+    assert type(checkpoint["thinning_recipes"][0]) is ThinningRecipe and checkpoint["optimizer_type"] is torch.optim.SGD
+    loaded, _, optimizer, _ = apputils.load_checkpoint(lenet(), str(tmp_path / "checkpoint.pth.tar"))
+    assert loaded.fc2.weight.shape == (10, 250) and torch.equal(loaded.fc2.weight, model.fc2.weight)
+    assert type(optimizer) is torch.optim.SGD
+
+
+def test_every_quantization_aware_training_quantizer_is_rebuilt_from_its_checkpoint(tmp_path):
+    from distiller.quantization import DorefaQuantizer, QuantAwareTrainRangeLinearQuantizer, WRPNQuantizer
+    for cls, kwargs in [(DorefaQuantizer, dict(bits_weights=2)), (WRPNQuantizer, dict(bits_weights=4)),
+                        (QuantAwareTrainRangeLinearQuantizer, dict(bits_weights=4)),
+                        (DCQQuantizer, dict(weight_mode="ternary"))]:
+        model = lenet()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        cls(model, optimizer, **kwargs).prepare_model()
+        apputils.save_checkpoint(1, "simplenet_mnist", model, optimizer=optimizer, dir=str(tmp_path))
+        restored, _, _, _ = apputils.load_checkpoint(lenet(), str(tmp_path / "checkpoint.pth.tar"))
+        assert hasattr(restored.fc1, "float_weight"), cls
+        assert torch.equal(restored.fc1.float_weight, model.fc1.float_weight), cls

@@ -1,0 +1,125 @@
+"""The DCQ policy and quantizer do what the schedule says, or stop with a clear error (real Distiller)."""
+import textwrap
+
+import pytest
+import torch
+
+from distiller_env import import_distiller
+
+distiller = import_distiller()
+from distiller import apputils  # noqa: E402
+from distiller.models import create_model  # noqa: E402
+from distiller.policy import LossComponent, PolicyLoss, ScheduledTrainingPolicy  # noqa: E402
+
+from distiller_dcq.adapter import DCQQuantizer, SectionalKDPolicy  # noqa: E402
+
+
+def lenet():
+    return create_model(False, "mnist", "simplenet_mnist", parallel=False, device_ids=-1)
+
+
+def scheduler_from(tmp_path, text, model=None):
+    path = tmp_path / "schedule.yaml"
+    path.write_text(textwrap.dedent(text))
+    model = model or lenet()
+    return model, distiller.file_config(model, torch.optim.SGD(model.parameters(), lr=0.1), str(path))
+
+
+QUANTIZER = """
+quantizers:
+  q: {class: DCQQuantizer, weight_mode: binary}
+extensions:
+  dcq: {class: SectionalKDPolicy, boundaries: [pool1], loss: mse, label_weight: LABEL_WEIGHT}
+policies:
+"""
+QUANTIZER_POLICY = """
+  - quantizer: {instance_name: q}
+    starting_epoch: 0
+    ending_epoch: 4
+    frequency: 1
+"""
+DCQ_WINDOW = """
+  - extension: {instance_name: dcq}
+    starting_epoch: 0
+    ending_epoch: 2
+    frequency: 1
+"""
+
+
+def test_a_quantizer_declared_but_not_scheduled_stops_the_dcq_stage(tmp_path):
+    _, scheduler = scheduler_from(tmp_path, QUANTIZER.replace("LABEL_WEIGHT", "0") + DCQ_WINDOW)
+    with pytest.raises(ValueError, match=r"found no quantized weights on the model: .* schedule it under policies:"):
+        scheduler.on_epoch_begin(0)
+
+
+def test_a_dcq_window_given_as_an_epoch_list_is_refused(tmp_path):
+    text = QUANTIZER.replace("LABEL_WEIGHT", "0") + QUANTIZER_POLICY + """
+  - extension: {instance_name: dcq}
+    epochs: [0, 2]
+"""
+    _, scheduler = scheduler_from(tmp_path, text)
+    with pytest.raises(ValueError, match=r"needs one contiguous window .* not an epochs: list"):
+        scheduler.on_epoch_begin(0)
+
+
+class AddsATerm(ScheduledTrainingPolicy):
+    """A policy scheduled before DCQ that adds 3 x (sum of fc2's weights) to the loss, like a regularizer."""
+
+    def before_backward_pass(self, model, epoch, minibatch_id, minibatches_per_epoch, loss, zeros_mask_dict,
+                             optimizer=None):
+        term = 3 * model.fc2.float_weight.sum()
+        return PolicyLoss(loss + term, [LossComponent("extra", term)])
+
+
+@pytest.mark.parametrize("label_weight", [0.0, 0.5])
+def test_label_weight_weighs_the_cross_entropy_only_and_earlier_policies_terms_stay(tmp_path, label_weight):
+    model, scheduler = scheduler_from(tmp_path, QUANTIZER.replace("LABEL_WEIGHT", str(label_weight))
+                                      + QUANTIZER_POLICY + DCQ_WINDOW)
+    dcq = next(p for p in scheduler.sched_metadata if isinstance(p, SectionalKDPolicy))
+    scheduler.policies[0].insert(0, AddsATerm())  # before DCQ, as if listed first in the YAML
+    scheduler.sched_metadata[scheduler.policies[0][0]] = {"starting_epoch": 0, "ending_epoch": 1, "frequency": 1}
+    scheduler.on_epoch_begin(0)
+    torch.manual_seed(0)
+    x, labels = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    cross_entropy = torch.nn.functional.cross_entropy(model.train()(x), labels)
+    sections = dcq.wiring.section_losses()
+    overall = scheduler.before_backward_pass(0, 0, 1, cross_entropy, return_loss_components=True)
+    extra = 3 * model.fc2.float_weight.sum()
+    expected = sum(sections.values()) + extra + label_weight * cross_entropy
+    assert torch.allclose(overall.overall_loss, expected)
+    assert [c.name for c in overall.loss_components] == ["extra", "DCQ pool1 mse", "DCQ output mse"]
+
+
+def test_an_svhn_teacher_is_built_for_a_quantized_model(tmp_path):
+    torch.manual_seed(0)
+    fp = create_model(False, "svhn", "svhn_dorefa", parallel=False, device_ids=-1)
+    apputils.save_checkpoint(0, "svhn_dorefa", fp, dir=str(tmp_path))
+    model = create_model(False, "svhn", "svhn_dorefa", parallel=False, device_ids=-1)
+    DCQQuantizer(model, torch.optim.SGD(model.parameters(), lr=0.1)).prepare_model()  # as on a resumed run
+    policy = SectionalKDPolicy(model, boundaries=["act2"], teacher=str(tmp_path / "checkpoint.pth.tar"))
+    teacher = policy.wiring.teacher
+    assert not hasattr(teacher.fc1, "float_weight") and torch.equal(teacher.fc1.weight, fp.fc1.weight)
+
+
+def test_a_quantized_checkpoint_is_refused_as_the_teacher(tmp_path):
+    model = lenet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    DCQQuantizer(model, optimizer).prepare_model()
+    apputils.save_checkpoint(0, "simplenet_mnist", model, optimizer=optimizer, dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"holds a quantized model \(it has quantizer_metadata\): the teacher must be "
+                                         r"full precision"):
+        SectionalKDPolicy(lenet(), boundaries=["pool1"], teacher=str(tmp_path / "checkpoint.pth.tar"))
+
+
+def test_dorefa_weight_mode_is_distillers_formula_by_default():
+    results = []
+    for cls, kwargs in [(DCQQuantizer, dict(weight_mode="dorefa", bits_weights=2)),
+                        (distiller.quantization.DorefaQuantizer, dict(bits_weights=2))]:
+        torch.manual_seed(0)
+        model = lenet()
+        quantizer = cls(model, torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+        quantizer.prepare_model()
+        quantizer.quantize_params()
+        results.append(model)
+    for layer in ("conv1", "fc1", "fc2"):
+        assert torch.allclose(getattr(results[0], layer).weight, getattr(results[1], layer).weight)
