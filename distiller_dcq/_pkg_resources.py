@@ -51,10 +51,17 @@ class _WorkingSet:
 working_set = _WorkingSet()
 
 
+def _importable(name):
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+
+
 def lend():
     """If ``pkg_resources`` cannot be imported, make this stand-in importable under its name; return
     the function that takes it back out of ``sys.modules`` (modules that imported it keep it)."""
-    if "pkg_resources" in sys.modules or importlib.util.find_spec("pkg_resources") is not None:
+    if "pkg_resources" in sys.modules or _importable("pkg_resources"):
         return None
     module = types.ModuleType("pkg_resources", __doc__)
     for name in ("DistributionNotFound", "Distribution", "require", "parse_version", "working_set"):
