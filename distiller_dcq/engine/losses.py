@@ -44,7 +44,8 @@ def poisson_loss(student, teacher, *, logits, temperature=1.0):
     """The paper's loss, mean(y_hat - y * log(y_hat)); its minimum (y_hat = y) is not 0.
 
     Feature maps must be non-negative rates (cut after a ReLU or a pooling of one); on logits it
-    compares softened class probabilities, computed in log space so it is never NaN.
+    compares softened class probabilities, computed in log space so it is never NaN. Averaged over
+    the C classes, that is soft-target cross-entropy / C (+ 1/C): 1/(C T^2) of ``kl``'s gradient.
     """
     if logits:
         log_p_student = F.log_softmax(student / temperature, dim=1)
