@@ -123,3 +123,51 @@ def test_dorefa_weight_mode_is_distillers_formula_by_default():
         results.append(model)
     for layer in ("conv1", "fc1", "fc2"):
         assert torch.allclose(getattr(results[0], layer).weight, getattr(results[1], layer).weight)
+
+
+def test_recalibrate_bn_re_estimates_the_stitched_statistics_before_the_stages_last_validation(tmp_path, monkeypatch,
+                                                                                              caplog):
+    import logging
+    from distiller_env import compress_classifier_script
+    from distiller_dcq.engine import recalibrate_batchnorm
+    monkeypatch.syspath_prepend(str(compress_classifier_script().parent))  # image_classifier imports its parser.py
+    import distiller.apputils.image_classifier as classifier
+    from distiller.data_loggers import NullLogger
+    text = """
+    quantizers:
+      q: {class: DCQQuantizer, weight_mode: binary}
+    extensions:
+      dcq: {class: SectionalKDPolicy, boundaries: [layer1, layer2], loss: mse, recalibrate_bn: 2}
+    policies:
+      - quantizer: {instance_name: q}
+        starting_epoch: 0
+        ending_epoch: 2
+        frequency: 1
+      - extension: {instance_name: dcq}
+        starting_epoch: 0
+        ending_epoch: 1
+        frequency: 1
+    """
+    torch.manual_seed(0)
+    model, scheduler = scheduler_from(tmp_path, text, create_model(False, "cifar10", "resnet20_cifar", parallel=False,
+                                                                   device_ids=-1))
+    args = classifier.ClassifierCompressor.mock_args()
+    args.arch, args.device, args.dataset = "resnet20_cifar", "cpu", "cifar10"
+    images = torch.randn(24, 3, 32, 32)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.randint(0, 10, (24,))),
+                                         batch_size=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scheduler.on_epoch_begin(0)
+    with caplog.at_level(logging.INFO):
+        classifier.train(loader, model, torch.nn.CrossEntropyLoss(), optimizer, 0, scheduler, [NullLogger()], args)
+    assert "re-estimated the stitched network's BatchNorm statistics on the last 2 training batches" in caplog.text
+    bn = model.layer3[0].bn1
+    got = bn.running_mean.clone(), bn.running_var.clone()
+    recalibrate_batchnorm(model, [(images[8:16],), (images[16:],)])  # the same weights, the last two batches
+    assert torch.allclose(got[0], bn.running_mean) and torch.allclose(got[1], bn.running_var)
+
+
+def test_recalibrate_bn_must_be_a_number_of_batches(tmp_path):
+    text = QUANTIZER.replace("LABEL_WEIGHT", "0").replace("label_weight: 0", "recalibrate_bn: -1") + QUANTIZER_POLICY
+    with pytest.raises(ValueError, match=r"recalibrate_bn is a number of training batches \(an integer >= 0\), got -1"):
+        scheduler_from(tmp_path, text)

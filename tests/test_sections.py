@@ -380,3 +380,29 @@ def test_num_sections_never_cuts_across_a_skip_connection():
     assert balanced_boundaries(model, 2, X) == ["relu1"]  # relu2 balances the MACs best, but a skip crosses it
     with pytest.raises(ValueError, match=r"into 3 sections: its top-level blocks allow at most 2 \(relu1 can end"):
         SectionWiring(model, copy.deepcopy(model), num_sections=3, example_input=X)
+
+
+def test_merge_can_re_estimate_batchnorm_statistics_on_the_stitched_network():
+    torch.manual_seed(0)
+    teacher = nn.Sequential()
+    teacher.add_module("conv1", nn.Conv2d(1, 4, 3)), teacher.add_module("bn1", nn.BatchNorm2d(4))
+    teacher.add_module("relu1", nn.ReLU()), teacher.add_module("conv2", nn.Conv2d(4, 4, 3))
+    teacher.add_module("bn2", nn.BatchNorm2d(4)), teacher.add_module("relu2", nn.ReLU())
+    teacher.add_module("flat", nn.Flatten()), teacher.add_module("fc", nn.Linear(4 * 24 * 24, 10))
+    student = copy.deepcopy(teacher)
+    quantize_weights_(student, BinaryWeights(scale="layer"))
+    wiring = SectionWiring(student, teacher, ["relu1"], example_input=X, keep_inputs=2, loss="mse").split()
+    batches = [torch.randn(8, 1, 28, 28) + i for i in range(3)]
+    for x in batches:
+        student.train()(x)  # parallel mode: bn2 sees relu1 of the teacher, not of the student
+    student.eval()
+    wiring.merge(recalibrate=True)
+    assert not student.training and student.bn2.momentum == 0.1
+    with torch.no_grad():  # what bn2 sees in the stitched network, on the last two batches
+        seen = [student.conv2(student.relu1(student.bn1.train()(student.conv1(x)))) for x in batches[1:]]
+        student.bn1.eval()
+    expected_mean = torch.stack([s.mean(dim=(0, 2, 3)) for s in seen]).mean(0)
+    expected_var = torch.stack([s.var(dim=(0, 2, 3), unbiased=True) for s in seen]).mean(0)
+    assert torch.allclose(student.bn2.running_mean, expected_mean, atol=1e-5)
+    assert torch.allclose(student.bn2.running_var, expected_var, atol=1e-5)
+    assert len(wiring.recent_inputs) == 0

@@ -38,6 +38,9 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
             (e.g. regularizers) are kept as they are.
         teacher: path to an FP checkpoint of the same architecture; default: the model as it stood
             when the schedule was built (load it with --exp-load-weights-from).
+        recalibrate_bn: at the merge, re-estimate the stitched network's BatchNorm statistics on the
+            stage's last this many training batches (default 0: keep the statistics gathered while
+            split, which in parallel mode come from the teacher's activations).
 
     Resuming (``--resume-from``) in the middle of the stage continues as if uninterrupted: the
     teacher's weights and the RNG states are saved in every Distiller checkpoint with the
@@ -45,7 +48,7 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
     """
 
     def __init__(self, model, name="dcq", boundaries=None, num_sections=None, mode="parallel", section_epochs=None,
-                 loss="poisson", temperature=1.0, label_weight=0.0, teacher=None):
+                 loss="poisson", temperature=1.0, label_weight=0.0, teacher=None, recalibrate_bn=0):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown DCQ mode {mode!r}; choose one of: {', '.join(MODES)}")
@@ -53,12 +56,15 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
             raise ValueError("section_epochs applies to mode: sequential only: remove it, or set mode: sequential")
         self.name, self.mode = name, mode
         self.label_weight = float(label_weight)
+        if not isinstance(recalibrate_bn, int) or recalibrate_bn < 0:
+            raise ValueError(f"recalibrate_bn is a number of training batches (an integer >= 0), got {recalibrate_bn!r}")
+        self.recalibrate_bn, self._last_epoch = recalibrate_bn, None
         resumed = getattr(model, RESUMED_POLICY_STATES, {}).get(name)
         teacher_model = _fp_teacher(model, name, teacher, resumed)
         example_input = torch.zeros(_input_shape(model), device=next(model.parameters()).device)
         self.wiring = SectionWiring(model, teacher_model, boundaries, num_sections=num_sections,
                                     example_input=example_input, loss=loss, temperature=temperature,
-                                    section_inputs=MODES[mode])
+                                    section_inputs=MODES[mode], keep_inputs=recalibrate_bn)
         sections = self.wiring.section_names
         self.section_epochs = list(section_epochs or [1] * len(sections)) if mode == "sequential" else None
         if self.section_epochs is not None and (len(self.section_epochs) != len(sections) or
@@ -78,6 +84,7 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
             raise ValueError(f"DCQ policy {self.name!r} needs one contiguous window (its window is one stage): "
                              f"schedule it with starting_epoch, ending_epoch and frequency: 1, not "
                              + ("an epochs: list" if meta.get("frequency") is None else f"frequency: {meta['frequency']}"))
+        self._last_epoch = meta["ending_epoch"] - 1
         if not self.wiring.is_split:
             if not _is_quantized(model):
                 raise ValueError(f"DCQ policy {self.name!r} found no quantized weights on the model: declare a "
@@ -118,6 +125,13 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
         components = [LossComponent(f"DCQ {name} {self.wiring.loss_name}", value)
                       for name, value in section_losses.items()]
         return PolicyLoss(overall, components)
+
+    def on_minibatch_end(self, model, epoch, minibatch_id, minibatches_per_epoch, zeros_mask_dict, optimizer):
+        if self.recalibrate_bn and epoch == self._last_epoch and minibatch_id == minibatches_per_epoch - 1:
+            batches = len(self.wiring.recent_inputs)
+            self.wiring.merge(recalibrate=True)  # before the stage's last validation, which then measures it
+            msglogger.info("DCQ %s: re-estimated the stitched network's BatchNorm statistics on the last %d "
+                           "training batches", self.name, batches)
 
     def on_epoch_end(self, model, zeros_mask_dict, meta, **kwargs):
         if meta["current_epoch"] != meta["ending_epoch"] - 1:

@@ -18,7 +18,7 @@ Eval-mode forwards are left alone: validating the student always measures the st
 import itertools
 import warnings
 import weakref
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -220,6 +220,27 @@ def _check_nothing_bypasses(model, boundaries, example_input):
                              f"cut at the end of the block instead")
 
 
+def recalibrate_batchnorm(model, batches):
+    """Re-estimate the running statistics of every BatchNorm in ``model`` as the average over
+    ``batches`` (tuples of forward inputs) of what a training-mode forward computes; no gradients,
+    nothing else changes (modes and momenta are put back)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    modes, momenta = {m: m.training for m in model.modules()}, {m: m.momentum for m in norms}
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches
+        model.train()
+        with torch.no_grad():
+            for inputs in batches:
+                model(*inputs)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+
+
 class SectionWiring:
     """DCQ's sectional training of ``student`` against a frozen ``teacher`` of the same architecture.
 
@@ -233,13 +254,14 @@ class SectionWiring:
         temperature: softens probabilities/distributions in the losses that use them.
         section_inputs: what section i+1 receives: the ``"teacher"``'s activation at boundary i
             (parallel mode, the paper's) or the ``"student"``'s own, detached.
+        keep_inputs: keep the last this many training batches, for ``merge(recalibrate=True)``.
 
     Use: ``split()``; then every training forward ``student(x)`` followed by ``section_losses()``
     gives one loss per trained section; ``merge()`` at the end.
     """
 
     def __init__(self, student, teacher, boundaries=None, *, num_sections=None, example_input,
-                 loss="poisson", temperature=1.0, section_inputs="teacher"):
+                 loss="poisson", temperature=1.0, section_inputs="teacher", keep_inputs=0):
         if boundaries is not None and num_sections is not None:
             raise ValueError("give either boundaries (module names) or num_sections, not both")
         if boundaries is None and num_sections is None:
@@ -266,6 +288,7 @@ class SectionWiring:
         self._handles, self._frozen = [], []  # hook handles: the wiring's, the frozen parameters'
         self._teacher_out, self._student_out = {}, {}  # section end -> activation; student: per replica
         self._wired, self._replicas = False, 1
+        self.recent_inputs = deque(maxlen=keep_inputs)  # the last training batches, for recalibrate_batchnorm
 
     @property
     def is_split(self):
@@ -290,8 +313,11 @@ class SectionWiring:
         self._handles.append(self.student.register_forward_hook(self._keep_student_output))
         return self
 
-    def merge(self):
-        """Remove the wiring and unfreeze: the student is one ordinary network again."""
+    def merge(self, recalibrate=False):
+        """Remove the wiring and unfreeze: the student is one ordinary network again. With
+        ``recalibrate``, re-estimate its BatchNorm statistics on the kept training batches
+        (``keep_inputs``): while split, each section's statistics came from its own inputs (the
+        teacher's, in parallel mode), not from the stitched network's."""
         for h in self._handles:
             h.remove()
         if _SPLIT_STUDENTS.get(self.student) is self:
@@ -299,6 +325,9 @@ class SectionWiring:
         self._handles = []
         self._teacher_out, self._student_out, self._wired = {}, {}, False
         self.train_sections(None)
+        if recalibrate and self.recent_inputs:
+            recalibrate_batchnorm(self.student, self.recent_inputs)
+        self.recent_inputs.clear()
         return self.student
 
     def _sections_by_owner(self, named_items):
@@ -361,6 +390,8 @@ class SectionWiring:
         self._wired = module.training
         self._student_out = {}
         if self._wired:
+            if self.recent_inputs.maxlen:
+                self.recent_inputs.append(tuple(i.detach() for i in inputs))
             teacher = _unwrap(self.teacher).eval()  # never replicated: its activations are split below
             with torch.no_grad():
                 self._teacher_out[OUTPUT] = teacher(*inputs)
