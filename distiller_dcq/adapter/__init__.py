@@ -5,7 +5,7 @@ The only package that imports Distiller; ``distiller_dcq.engine`` never does.
 from .._hooks import when_imported
 from .compat import (patch_checkpoint_loading, patch_class_name_errors, patch_criterion_loss, patch_pandas_precision,
                      patch_policy_windows, patch_quantizer_prepare, patch_resumed_lr, patch_scheduler_state)
-from .datasets import patch_cifar10_image_folders, register_svhn
+from .datasets import patch_cifar10_image_folders, patch_subset_dirs, register_svhn
 from .policy import SectionalKDPolicy
 from .quantizer import DCQQuantizer
 
@@ -29,6 +29,7 @@ def register(distiller):
     patch_criterion_loss(distiller.CompressionScheduler)
     patch_class_name_errors(config)
     patch_cifar10_image_folders(data_loaders, distiller.apputils)
+    patch_subset_dirs(data_loaders, distiller.apputils)
     register_svhn(data_loaders, distiller.apputils, distiller.models)
     # image_classifier imports compress_classifier's own parser.py: patch it only when an application loads it
     when_imported("distiller.apputils.image_classifier", lambda module: patch_policy_windows(module, SectionalKDPolicy))

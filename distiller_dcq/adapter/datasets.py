@@ -1,9 +1,11 @@
-"""Data and networks for compress_classifier beyond Distiller's: CIFAR-10 stored as image folders,
-and SVHN with DoReFa-Net's SVHN network."""
+"""Data and networks for compress_classifier beyond Distiller's: fixed training subsets, CIFAR-10
+stored as image folders, and SVHN with DoReFa-Net's SVHN network."""
 import os
 
+import torch
 from torchvision import datasets, transforms
 
+from ..subsets import balanced_indices, is_subset_dir, read_subset_dir
 from ..svhn import SVHN_INPUT_SIZE, SVHNDigits, SVHNDoReFaNet
 from .compat import route
 
@@ -39,6 +41,37 @@ def patch_cifar10_image_folders(data_loaders, apputils):
     still read by Distiller's own loader."""
     route((data_loaders, apputils), "cifar10_get_datasets", lambda data_dir, *a, **k: is_image_folder_layout(data_dir),
           cifar10_image_folders)
+
+
+# --- fixed training subsets (distiller_dcq.subsets) -------------------------------------------------------
+
+def patch_subset_dirs(data_loaders, apputils):
+    """Let compress_classifier read a subset directory: Distiller's loaders of its source dataset,
+    with the training part cut down to the subset's fixed, class-balanced images."""
+    original = data_loaders.get_data_loaders
+
+    def subset_data_loaders(datasets_fn, data_dir, batch_size, num_workers, *args, **kwargs):
+        source, size, seed = read_subset_dir(data_dir)
+        if kwargs.get("effective_train_size", 1.0) != 1.0:
+            raise ValueError(f"{data_dir} already fixes the training images ({size} of {source}): drop "
+                             f"--effective-train-size")
+        train, valid, test, input_shape = original(datasets_fn, source, batch_size, num_workers, *args, **kwargs)
+        if train is None:
+            return train, valid, test, input_shape
+        targets = getattr(train.dataset, "targets", None)
+        if targets is None:
+            raise ValueError(f"{type(train.dataset).__name__} has no targets: subset directories need a dataset "
+                             f"with per-image labels (MNIST, CIFAR-10, SVHN)")
+        # train.sampler holds the training part's indices, validation already taken out as in a full run
+        indices = balanced_indices(targets, list(train.sampler.data_source), size, seed)
+        train = torch.utils.data.DataLoader(train.dataset, batch_size=batch_size,
+                                            sampler=torch.utils.data.SubsetRandomSampler(indices),
+                                            num_workers=num_workers, pin_memory=True,
+                                            worker_init_fn=train.worker_init_fn)
+        return train, valid, test, input_shape
+
+    route((data_loaders, apputils), "get_data_loaders",
+          lambda datasets_fn, data_dir, *a, **k: is_subset_dir(data_dir), subset_data_loaders)
 
 
 # --- SVHN: a dataset and a network Distiller does not have ---------------------------------------------

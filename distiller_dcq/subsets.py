@@ -1,0 +1,82 @@
+"""Fixed, class-balanced training subsets of N images, for few-shot runs of compress_classifier.py.
+
+Distiller's ``--effective-train-size`` draws a new random part of the training set every epoch, so
+it cannot say "train on these 512 images". A *subset directory* can: it holds only ``subset.json``
+(the dataset directory it draws from, N and a seed) and is given to compress_classifier.py in place
+of the dataset directory. Distiller then splits the source's training set into training and
+validation parts exactly as for the full run (same ``--vs``, same ``--seed``: the same validation and
+test sets), and the training part is cut down to N images, N/C of each of the C classes, drawn with
+the subset's seed; every epoch goes over those N images in a new order.
+
+    python -m distiller_dcq.subsets ../shared/data/mnist --size 300 --seed 0 --out mnist_300
+    python compress_classifier.py --arch simplenet_mnist mnist_300 ...
+"""
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST = "subset.json"
+
+
+def is_subset_dir(data_dir):
+    return os.path.isfile(os.path.join(data_dir, MANIFEST))
+
+
+def write_subset_dir(source, size, seed, out):
+    """Make ``out`` a subset directory of ``size`` training images of the dataset in ``source``."""
+    if not os.path.isdir(source):
+        raise ValueError(f"dataset directory {source!r} does not exist")
+    if is_subset_dir(source):
+        raise ValueError(f"{source!r} is itself a subset directory: give the dataset directory it draws from")
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"the subset size is a number of images >= 1, got {size!r}")
+    os.makedirs(out, exist_ok=True)
+    manifest = {"source": os.path.relpath(os.path.abspath(source), os.path.abspath(out)), "size": size, "seed": seed}
+    Path(out, MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def read_subset_dir(data_dir):
+    """(source directory, size, seed) of a subset directory; the source path is relative to it."""
+    manifest = json.loads(Path(data_dir, MANIFEST).read_text())
+    return os.path.normpath(os.path.join(data_dir, manifest["source"])), manifest["size"], manifest["seed"]
+
+
+def balanced_indices(labels, candidates, size, seed):
+    """``size`` of the ``candidates`` (dataset indices), as many of each class as possible (the
+    remainder of size / classes goes to classes drawn at random), drawn with ``seed``."""
+    labels, candidates = np.asarray(labels), np.asarray(candidates)
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels[candidates])
+    per_class = np.full(len(classes), size // len(classes))
+    per_class[rng.choice(len(classes), size % len(classes), replace=False)] += 1
+    chosen = []
+    for cls, count in zip(classes, per_class):
+        pool = candidates[labels[candidates] == cls]
+        if count > len(pool):
+            raise ValueError(f"a subset of {size} images needs {count} of class {cls}, but the training part has "
+                             f"only {len(pool)}: ask for fewer images")
+        chosen += rng.choice(pool, count, replace=False).tolist()
+    return sorted(chosen)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m distiller_dcq.subsets", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="the dataset directory (as given to compress_classifier.py)")
+    parser.add_argument("--size", type=int, required=True, help="number of training images")
+    parser.add_argument("--seed", type=int, default=0, help="which images (default 0)")
+    parser.add_argument("--out", required=True, help="the subset directory to write")
+    args = parser.parse_args(argv)
+    try:
+        write_subset_dir(args.source, args.size, args.seed, args.out)
+    except ValueError as err:
+        parser.error(str(err))
+    print(f"{args.out}: {args.size} training images of {args.source} (seed {args.seed}); give it to "
+          f"compress_classifier.py as the dataset directory")
+
+
+if __name__ == "__main__":
+    main()

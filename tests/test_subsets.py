@@ -1,0 +1,63 @@
+"""Fixed, class-balanced training subsets: the choice (plain Python) and compress_classifier reading them."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import LENET_TEACHER, MNIST_DIR, ROOT
+from distiller_dcq.subsets import balanced_indices, main as subsets_main, read_subset_dir
+
+
+def test_balanced_indices_take_as_many_of_each_class_from_the_candidates_only():
+    labels = np.repeat(np.arange(10), 100)
+    candidates = np.arange(0, 1000, 2)  # 50 of each class
+    chosen = balanced_indices(labels, candidates, 64, seed=3)
+    assert len(chosen) == len(set(chosen)) == 64 and set(chosen) <= set(candidates.tolist())
+    counts = np.bincount(labels[chosen], minlength=10)
+    assert sorted(counts.tolist()) == [6] * 6 + [7] * 4
+    assert chosen == balanced_indices(labels, candidates, 64, seed=3) != balanced_indices(labels, candidates, 64, 4)
+    with pytest.raises(ValueError, match=r"needs 51 of class 0, but the training part has only 50"):
+        balanced_indices(labels, candidates, 510, seed=0)
+
+
+def test_the_command_writes_a_subset_directory_relative_to_its_source(tmp_path):
+    subsets_main([str(MNIST_DIR), "--size", "60", "--seed", "1", "--out", str(tmp_path / "mnist_60")])
+    source, size, seed = read_subset_dir(str(tmp_path / "mnist_60"))
+    assert (source, size, seed) == (str(MNIST_DIR), 60, 1)
+    assert not json.loads((tmp_path / "mnist_60" / "subset.json").read_text())["source"].startswith("/")  # relative
+    with pytest.raises(SystemExit):
+        subsets_main([str(tmp_path / "mnist_60"), "--size", "6", "--out", str(tmp_path / "again")])
+
+
+def test_distiller_reads_a_subset_directory_with_the_full_runs_validation_and_test_sets(tmp_path):
+    from distiller_env import import_distiller
+    import_distiller()
+    from distiller import apputils
+    if not (MNIST_DIR / "MNIST" / "raw").is_dir():
+        pytest.skip(f"MNIST is missing from {MNIST_DIR}")
+    subsets_main([str(MNIST_DIR), "--size", "60", "--out", str(tmp_path / "mnist_60")])
+
+    def loaders(data_dir):
+        np.random.seed(0)
+        return apputils.load_data("mnist", "simplenet_mnist", str(data_dir), batch_size=32, workers=0)
+
+    full_train, full_valid, full_test, _ = loaders(MNIST_DIR)
+    train, valid, test, _ = loaders(tmp_path / "mnist_60")
+    assert list(valid.sampler.data_source) == list(full_valid.sampler.data_source)  # the same validation images
+    assert len(test.sampler) == len(full_test.sampler) == 10000
+    chosen = list(train.sampler.indices)
+    assert len(chosen) == 60 and set(chosen) <= set(full_train.sampler.data_source)
+    assert np.bincount(train.dataset.targets[chosen].numpy(), minlength=10).tolist() == [6] * 10
+    assert sorted(i for batch in [list(train.sampler)] for i in batch) == sorted(chosen)  # every epoch: those 60
+
+
+def test_compress_classifier_trains_on_the_subset(tmp_path):
+    from distiller_env import run_compress_classifier
+    subsets_main([str(MNIST_DIR), "--size", "60", "--out", str(tmp_path / "mnist_60")])
+    args = ["--epochs", "1", "--compress", ROOT / "schedules" / "simplenet_mnist_dorefa_binary.yaml",
+            "--exp-load-weights-from", LENET_TEACHER]
+    rc, log = run_compress_classifier(tmp_path / "run", *args, train_size="1.0", data_dir=tmp_path / "mnist_60")
+    assert rc == 0, log[-3000:]
+    assert "training=60\n" in log and "validation=300\n" in log  # --effective-valid-size 0.05 of 6000
+    rc, log = run_compress_classifier(tmp_path / "refused", *args, train_size="0.5", data_dir=tmp_path / "mnist_60")
+    assert rc != 0 and "already fixes the training images (60 of" in log and "drop --effective-train-size" in log
