@@ -24,9 +24,12 @@ setup(
     description="Divide and Conquer Quantization (DCQ) for Intel's Neural Network Distiller",
     long_description=open("README.md").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["distiller_dcq", "distiller_dcq.*"]),
+    # the top-level schedules/ ships as distiller_dcq/schedules (distiller_dcq.report.schedules.schedules_dir)
+    packages=find_packages(include=["distiller_dcq", "distiller_dcq.*"]) + ["distiller_dcq.schedules"],
+    package_dir={"distiller_dcq.schedules": "schedules"},
+    package_data={"distiller_dcq.schedules": ["*.yaml"]},
     python_requires=">=3.8",
-    install_requires=["torch>=2.1", "numpy", "pyyaml"],
+    install_requires=["torch>=2.6", "numpy", "pyyaml"],  # 2.6: safe_globals takes (reference, name) pairs
     extras_require={"test": ["pytest", "torchvision", "scipy", "matplotlib"], "svhn": ["scipy"],
                     "report": ["matplotlib"]},
     cmdclass={"build_py": BuildPyWithPth},
