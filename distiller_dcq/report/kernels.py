@@ -126,7 +126,8 @@ def main(argv=None):
     import distiller  # noqa: F401  (the checkpoints reference Distiller's classes)
     layers = write_report(args.fp_checkpoint, args.quantized_checkpoint, args.out, args.layer)
     with open(os.path.join(args.out, "kernels.md"), "a") as f:
-        f.write(f"\nMade by `python -m distiller_dcq.report.kernels {' '.join(argv or sys.argv[1:])}` in `{os.getcwd()}`.\n")
+        f.write(f"\nMade by `python -m distiller_dcq.report.kernels {' '.join(argv or sys.argv[1:])}` in "
+                f"`{os.path.relpath(os.getcwd(), args.out)}` (relative to this file's folder).\n")
     print(f"{len(layers)} quantized layers; wrote {args.out}/kernels.md and PNGs")
 
 

@@ -1,4 +1,5 @@
-"""Running Distiller's compress_classifier.py and reading its logs, for benchmarks and reproductions."""
+"""Running Distiller's compress_classifier.py: following its log while it trains, reading its results,
+and writing its command so that a reader on another machine can run it."""
 import datetime
 import json
 import os
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 _STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - "
+_EPOCH_STARTS = _STAMP + r"Training epoch:"
 
 
 def _seconds(stamp):
@@ -17,7 +19,7 @@ def _seconds(stamp):
 def parse_distiller_log(text):
     """From a compress_classifier log file: per-epoch validation top-1 and training seconds (from the
     log's timestamps, validation excluded), the final test top-1, DCQ's stitched-network top-1s."""
-    starts = [_seconds(s) for s in re.findall(_STAMP + r"Training epoch:", text, re.M)]
+    starts = [_seconds(s) for s in re.findall(_EPOCH_STARTS, text, re.M)]
     ends = [_seconds(s) for s in re.findall(_STAMP + r"--- validate \(epoch=\d+\)", text, re.M)]
     tested = text.split("--- test ---")
     top1 = [float(v) for v in re.findall(r"==> Top1: ([\d.]+)", tested[0])]
@@ -27,10 +29,61 @@ def parse_distiller_log(text):
             "stitched_top1": [float(s) for s in re.findall(r"stitched network validation Top1: ([\d.]+)", text)]}
 
 
-def run_compress_classifier(cmd, out_dir, name, rerun=False, log=print):
+def epochs_started(text):
+    """How many training epochs a compress_classifier log (complete or still growing) has started."""
+    return len(re.findall(_EPOCH_STARTS, text, re.M))
+
+
+def with_pythonpath(directory, environ=None):
+    """A copy of ``environ`` (default: this process's) with ``directory`` first on PYTHONPATH."""
+    environ = dict(os.environ if environ is None else environ)
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(directory), environ.get("PYTHONPATH")]))
+    return environ
+
+
+def portable_paths(text, places):
+    """``text`` with this machine's absolute paths written as another machine can follow them.
+
+    ``places`` maps an absolute path to how to write it: e.g. the interpreter -> ``python``, Distiller's
+    source -> ``$DISTILLER_SRC``, a path the user typed -> as typed, and ``""`` for the directory the
+    commands run from (paths inside it become relative). The longest matching path wins."""
+    places = {str(path).rstrip("/"): written for path, written in places.items() if str(path).rstrip("/")}
+    if not places:
+        return text
+    pattern = re.compile("(" + "|".join(map(re.escape, sorted(places, key=len, reverse=True))) + r")(/|(?![\w.-]))")
+
+    def write(match):
+        written, slash = places[match[1]], match[2]
+        return written + slash if written else ("" if slash else ".")
+    return pattern.sub(write, text)
+
+
+def _newest_log(out_dir, name, since=0.0):
+    logs = [p for p in Path(out_dir).glob(f"{name}___*/*.log") if p.stat().st_mtime >= since]
+    return max(logs, key=os.path.getmtime, default=None)
+
+
+def _wait_following_log(process, out_dir, name, since, on_epoch, poll_seconds):
+    """Wait for ``process``; return its wait status and resource usage. Meanwhile call ``on_epoch(k)``
+    whenever its log shows that training epoch k (1-based) has started."""
+    shown = 0
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            return status, usage
+        log = _newest_log(out_dir, name, since) if on_epoch else None
+        started = epochs_started(log.read_text()) if log else 0
+        if started > shown:
+            shown = started
+            on_epoch(started)
+        time.sleep(poll_seconds)
+
+
+def run_compress_classifier(cmd, out_dir, name, rerun=False, log=print, env=None, on_epoch=None, poll_seconds=1.0):
     """Run ``cmd`` (a compress_classifier.py command writing its logs under ``out_dir`` with
-    ``--name name``) and return the parsed log plus wall seconds and peak RSS (MiB) of that process.
-    A finished run of the same command found in ``out_dir`` is reused unless ``rerun``."""
+    ``--name name``) in environment ``env`` and return the parsed log plus wall seconds and peak RSS
+    (MiB) of that process; ``on_epoch(k)`` hears of each epoch it starts. A finished run of the same
+    command found in ``out_dir`` is reused unless ``rerun``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = [str(c) for c in cmd]
@@ -40,20 +93,64 @@ def run_compress_classifier(cmd, out_dir, name, rerun=False, log=print):
         if result["cmd"] == cmd:
             log(f"[{time.strftime('%H:%M:%S')}] {name}: finished earlier, reusing {cached}")
             return result
-    log(f"[{time.strftime('%H:%M:%S')}] {name} ...")
     start = time.time()
     with open(out_dir / "stderr.txt", "w") as stderr:  # a file, not a pipe: a full pipe would block the run
-        process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=out_dir)
-        _, status, usage = os.wait4(process.pid, 0)
+        process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=out_dir, env=env)
+        status, usage = _wait_following_log(process, out_dir, name, start, on_epoch, poll_seconds)
     returncode = os.waitstatus_to_exitcode(status)
     if returncode != 0:
         lines = (out_dir / "stderr.txt").read_text().strip().splitlines() or ["no message"]
         log(f"    FAILED (exit {returncode}): {lines[-1]}")
         return {"failed": f"exit {returncode}: {lines[-1]}", "cmd": cmd}
-    logs = sorted(out_dir.glob(f"{name}___*/*.log"), key=os.path.getmtime)
-    result = {**parse_distiller_log(logs[-1].read_text()), "seconds": time.time() - start,
+    result = {**parse_distiller_log(_newest_log(out_dir, name).read_text()), "seconds": time.time() - start,
               "peak_mib": usage.ru_maxrss / 1024, "cmd": cmd}
     cached.write_text(json.dumps(result))
     log(f"    test top-1 {result['test_top1']}  val {result['val_top1']}  train s/epoch "
         f"{[round(s) for s in result['train_seconds']]}  peak {result['peak_mib']:.0f} MiB")
     return result
+
+
+class Progress:
+    """Says how far a series of runs has got: runs done of the total, the run in flight and its epoch,
+    and the time left, estimated from the epochs trained so far (reused runs train none)."""
+
+    def __init__(self, runs, say=lambda message: print(message, flush=True)):
+        """``runs``: (name, epochs, fraction of the training set per epoch) of every run, in order."""
+        self.runs = {name: (int(epochs), float(fraction)) for name, epochs, fraction in runs}
+        self.say = say
+        self.left_work = sum(e * f for e, f in self.runs.values())  # in epochs over the full training set
+        self.trained_work = self.trained_seconds = 0.0
+        self.done = 0
+        self.name = None
+
+    def start(self, name):
+        self.name, self.started, self.epoch = name, time.time(), 0
+        self._report("")
+
+    def on_epoch(self, epoch):
+        self.epoch = epoch
+        self._report(f", epoch {epoch} of {self.runs[self.name][0]}")
+
+    def finish(self):
+        epochs, fraction = self.runs[self.name]
+        if self.epoch:  # it trained here (not reused): its time tells the pace
+            self.trained_work += epochs * fraction
+            self.trained_seconds += time.time() - self.started
+        self.left_work -= epochs * fraction
+        self.done += 1
+
+    def _report(self, epoch_text):
+        in_flight = max(self.epoch - 1, 0) * self.runs[self.name][1]  # epochs of this run already trained
+        work = self.trained_work + in_flight
+        eta = ""
+        if work:
+            left = (self.trained_seconds + time.time() - self.started) / work * (self.left_work - in_flight)
+            done_at = time.strftime("%a %H:%M", time.localtime(time.time() + left))
+            eta = f"; about {_duration(left)} left (done near {done_at})"
+        self.say(f"[{time.strftime('%H:%M:%S')}] {self.done} of {len(self.runs)} runs done; now {self.name}"
+                 f"{epoch_text}{eta}")
+
+
+def _duration(seconds):
+    minutes = max(1, round(seconds / 60))
+    return f"{minutes // 60}h {minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
