@@ -1,6 +1,5 @@
 """Loading a checkpoint never runs code from it, and loads what Distiller really saves (real Distiller)."""
 import collections
-import pickle
 
 import pytest
 import torch
