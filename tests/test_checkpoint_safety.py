@@ -112,3 +112,14 @@ def test_every_quantization_aware_training_quantizer_is_rebuilt_from_its_checkpo
         restored, _, _, _ = apputils.load_checkpoint(lenet(), str(tmp_path / "checkpoint.pth.tar"))
         assert hasattr(restored.fc1, "float_weight"), cls
         assert torch.equal(restored.fc1.float_weight, model.fc1.float_weight), cls
+
+
+def test_a_checkpoint_saved_without_dataparallel_loads_into_a_dataparallel_model_and_back(tmp_path):
+    from conftest import LENET_TEACHER
+    wrapped = torch.nn.DataParallel(lenet())  # what compress_classifier builds on GPUs
+    apputils.load_lean_checkpoint(wrapped, str(LENET_TEACHER))  # the FP teacher was saved on a CPU
+    teacher = load_distiller_checkpoint(str(LENET_TEACHER))["state_dict"]
+    assert torch.equal(wrapped.module.fc2.weight, teacher["fc2.weight"])
+    apputils.save_checkpoint(0, "simplenet_mnist", wrapped, dir=str(tmp_path))
+    plain = apputils.load_lean_checkpoint(lenet(), str(tmp_path / "checkpoint.pth.tar"))
+    assert torch.equal(plain.fc2.weight, teacher["fc2.weight"])

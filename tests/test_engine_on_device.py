@@ -176,4 +176,6 @@ def test_sequential_mode_trains_one_section_and_freezes_the_others_as_on_the_cpu
 
 def test_a_dataparallel_wrapped_student_gives_the_unwrapped_cpu_results(device):
     # compress_classifier wraps the model in DataParallel on a GPU; with one device it scatters nothing
+    if device.type == "cpu" and torch.cuda.is_available():
+        pytest.skip("with a GPU, DataParallel moves a CPU module onto it: the cuda variant covers this")
     assert_same_training(dcq_steps(device, wrap=True), dcq_steps(torch.device("cpu")))

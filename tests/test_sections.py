@@ -275,6 +275,8 @@ def test_an_in_place_layer_after_a_cut_leaves_the_loss_operands_intact():
         assert torch.allclose(wiring.section_losses()["a"], expected)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, DataParallel moves the module onto it "
+                                                      "(tests/test_engine_on_device.py covers that case)")
 def test_a_dataparallel_student_on_cpu_takes_names_with_or_without_module_and_gives_the_same_losses():
     x = torch.randn(8, 1, 28, 28)
     student, teacher = make_pair()

@@ -22,7 +22,7 @@ def register(distiller):
     for cls in YAML_CLASSES:
         setattr(config, cls.__name__, cls)
     patch_pandas_precision(model_summaries)
-    patch_checkpoint_loading(checkpoint_module)
+    patch_checkpoint_loading(checkpoint_module, distiller.apputils)
     patch_quantizer_prepare(quantizer_module)
     patch_resumed_lr(config, distiller.LRPolicy)
     patch_scheduler_state(distiller.CompressionScheduler)

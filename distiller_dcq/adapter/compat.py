@@ -95,6 +95,8 @@ class _TorchForDistillerCheckpoints:
 
     def load(self, *args, **kwargs):
         checkpoint = torch_load_distiller_checkpoint(self._torch.load, *args, **kwargs)
+        if _loading_into and _loading_into[-1] is not None and isinstance(checkpoint, dict):
+            _fit_dataparallel_prefix(checkpoint, _loading_into[-1])
         metadata = checkpoint.get("quantizer_metadata") if isinstance(checkpoint, dict) else None
         if metadata:
             metadata["type"] = _rebuild_quantizer(metadata["type"])
@@ -115,10 +117,43 @@ def _rebuild_quantizer(quantizer_cls):
     return build
 
 
-def patch_checkpoint_loading(checkpoint_module):
-    """Give ``distiller.apputils.checkpoint`` the ``torch`` above."""
+_loading_into = []  # the model of each Distiller load_checkpoint in progress
+
+
+def _fit_dataparallel_prefix(checkpoint, model):
+    """compress_classifier wraps the model in DataParallel on GPUs (keys ``module.*``); a checkpoint
+    saved without it (on a CPU, say) gets the prefix, and the other way round. Distiller itself only
+    strips it, and only for checkpoints that hold a compression schedule."""
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict) or not state:
+        return
+    wanted, saved = (all(k.startswith("module.") for k in keys) for keys in (model.state_dict(), state))
+    if wanted and not saved:
+        checkpoint["state_dict"] = type(state)(("module." + k, v) for k, v in state.items())
+    elif saved and not wanted:
+        checkpoint["state_dict"] = type(state)((k[len("module."):], v) for k, v in state.items())
+
+
+def patch_checkpoint_loading(checkpoint_module, apputils):
+    """Give ``distiller.apputils.checkpoint`` the ``torch`` above, and let it know the model each
+    ``load_checkpoint`` loads into (to fit DataParallel's ``module.`` prefix)."""
     if not isinstance(checkpoint_module.torch, _TorchForDistillerCheckpoints):
         checkpoint_module.torch = _TorchForDistillerCheckpoints(checkpoint_module.torch)
+    original = checkpoint_module.load_checkpoint
+    if _is_patched(original):
+        return
+
+    @functools.wraps(original)
+    def load_checkpoint(model, chkpt_file, *args, **kwargs):
+        _loading_into.append(model)
+        try:
+            return original(model, chkpt_file, *args, **kwargs)
+        finally:
+            _loading_into.pop()
+
+    for namespace in (checkpoint_module, apputils):
+        if getattr(namespace, "load_checkpoint", None) is original:
+            namespace.load_checkpoint = _mark(load_checkpoint)
 
 
 def patch_quantizer_prepare(quantizer_module):
