@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from distiller_dcq.report.runs import parse_distiller_log
+from distiller_dcq.report.runs import parse_distiller_log, portable_paths
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEDULES = REPO / "schedules"
@@ -231,7 +231,8 @@ def environment(args):
     commit = Path(args.distiller_src) / "COMMIT"
     env["distiller_commit"] = commit.read_text().strip() if commit.exists() else "unknown"
     import distiller_dcq
-    env["distiller_dcq"] = str(Path(distiller_dcq.__file__).parent)
+    installed = "site-packages" in Path(distiller_dcq.__file__).parts
+    env["distiller_dcq"] = "the installed copy (site-packages)" if installed else "the checkout"
     return env
 
 
@@ -243,10 +244,12 @@ def fmt(value, digits=2):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def write_report(out, env, tests, results):
+def write_report(out, env, tests, results, places):
+    """cuda_check.json and cuda_check.md in ``out``, this machine's paths written with ``places``
+    (``report.runs.portable_paths``) so that the commands read on any machine."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cuda_check.json").write_text(json.dumps({"environment": env, "tests": tests, "runs": results},
-                                                    indent=1, default=str))
+    (out / "cuda_check.json").write_text(portable_paths(json.dumps({"environment": env, "tests": tests,
+                                                                    "runs": results}, indent=1, default=str), places))
     lines = ["# CUDA check (benchmarks/cuda_check.sh)", "",
              f"- mode: {env['mode']}",
              f"- GPU (nvidia-smi): {env.get('nvidia_smi')}; torch sees: {env.get('torch_device', 'no CUDA device')}",
@@ -270,7 +273,9 @@ def write_report(out, env, tests, results):
     if changes:
         lines += ["", "Schedules fitted to the epochs of this check (copies in the work dir):", *changes]
     lines += ["", "Commands:", ""] + [f"    {shlex.join(r['cmd'])}" for r in results]
-    (out / "cuda_check.md").write_text("\n".join(lines) + "\n")
+    lines += ["", "`python3` is the GPU machine's interpreter, `$DISTILLER_SRC` Distiller's source, `$CUDA_CHECK_WORK` the "
+              "work dir where the check unpacks the carried data; other paths are relative to the repository."]
+    (out / "cuda_check.md").write_text(portable_paths("\n".join(lines) + "\n", places))
 
 
 def main(argv=None):
@@ -295,10 +300,12 @@ def main(argv=None):
     log(f"{env['mode']}; GPU: {env.get('nvidia_smi')}; torch {env['torch']} CUDA {env['torch_cuda']}")
     if args.device == "cuda" and not env["cuda_available"]:
         raise SystemExit("run_checks: --device cuda, but torch sees no CUDA device")
+    places = {sys.executable: "python3", args.distiller_src: "$DISTILLER_SRC", args.work: "$CUDA_CHECK_WORK",
+              REPO: ""}
     results = []
     for spec in RUNS:
         results.append(one_run(spec, args, deadline))
-        write_report(out, env, tests, results)
+        write_report(out, env, tests, results, places)
     failed = [f"{r['network']} {r['method']}" for r in results if r["status"] != "ok"]
     log(f"report: {out / 'cuda_check.md'}; " + (f"NOT OK: {', '.join(failed)}" if failed else "all runs ok"))
     return 1 if failed else 0
