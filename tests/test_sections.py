@@ -1,4 +1,5 @@
 import copy
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -341,13 +342,17 @@ def test_frozen_parameters_are_found_by_owner_and_stale_gradients_do_not_move_th
         assert torch.equal(p, before[name]) == (owners[name] != "relu3"), name
 
 
-def test_frozen_sections_keep_their_batchnorm_statistics():
+def conv_bn_net():
+    """Two conv + BatchNorm + ReLU blocks and a linear head, for MNIST-sized inputs."""
     torch.manual_seed(0)
-    teacher = nn.Sequential()
-    teacher.add_module("conv1", nn.Conv2d(1, 4, 3)), teacher.add_module("bn1", nn.BatchNorm2d(4))
-    teacher.add_module("relu1", nn.ReLU()), teacher.add_module("conv2", nn.Conv2d(4, 4, 3))
-    teacher.add_module("bn2", nn.BatchNorm2d(4)), teacher.add_module("relu2", nn.ReLU())
-    teacher.add_module("flat", nn.Flatten()), teacher.add_module("fc", nn.Linear(4 * 24 * 24, 10))
+    return nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(1, 4, 3)), ("bn1", nn.BatchNorm2d(4)), ("relu1", nn.ReLU()),
+        ("conv2", nn.Conv2d(4, 4, 3)), ("bn2", nn.BatchNorm2d(4)), ("relu2", nn.ReLU()),
+        ("flat", nn.Flatten()), ("fc", nn.Linear(4 * 24 * 24, 10))]))
+
+
+def test_frozen_sections_keep_their_batchnorm_statistics():
+    teacher = conv_bn_net()
     student = copy.deepcopy(teacher)
     wiring = SectionWiring(student, teacher, ["relu1"], example_input=X, section_inputs="student").split()
     wiring.train_sections(["output"])
@@ -385,12 +390,7 @@ def test_num_sections_never_cuts_across_a_skip_connection():
 
 
 def test_merge_can_re_estimate_batchnorm_statistics_on_the_stitched_network():
-    torch.manual_seed(0)
-    teacher = nn.Sequential()
-    teacher.add_module("conv1", nn.Conv2d(1, 4, 3)), teacher.add_module("bn1", nn.BatchNorm2d(4))
-    teacher.add_module("relu1", nn.ReLU()), teacher.add_module("conv2", nn.Conv2d(4, 4, 3))
-    teacher.add_module("bn2", nn.BatchNorm2d(4)), teacher.add_module("relu2", nn.ReLU())
-    teacher.add_module("flat", nn.Flatten()), teacher.add_module("fc", nn.Linear(4 * 24 * 24, 10))
+    teacher = conv_bn_net()
     student = copy.deepcopy(teacher)
     quantize_weights_(student, BinaryWeights(scale="layer"))
     wiring = SectionWiring(student, teacher, ["relu1"], example_input=X, keep_inputs=2, loss="mse").split()
