@@ -52,7 +52,8 @@ def test_distiller_reads_a_subset_directory_with_the_full_runs_validation_and_te
 
 
 def test_compress_classifier_trains_on_the_subset(tmp_path):
-    from distiller_env import run_compress_classifier
+    from distiller_env import import_distiller, run_compress_classifier
+    import_distiller()
     subsets_main([str(MNIST_DIR), "--size", "60", "--out", str(tmp_path / "mnist_60")])
     args = ["--epochs", "1", "--compress", ROOT / "schedules" / "simplenet_mnist_dorefa_binary.yaml",
             "--exp-load-weights-from", LENET_TEACHER]
