@@ -6,12 +6,17 @@ imported, our YAML classes are registered with ``distiller.config`` and the comp
 today's Python/PyTorch/pandas/setuptools are applied. Set ``DISTILLER_DCQ_NO_AUTOLOAD=1`` to stop the
 ``.pth`` file from doing so.
 """
+import sys
+
 from ._hooks import before_import, when_imported
 
 __version__ = "0.1.0"
 
 
 def _on_distiller_imported(distiller):
+    adapter = sys.modules.get(__name__ + ".adapter")
+    if adapter is not None and not hasattr(adapter, "register"):
+        return  # Distiller was imported by our adapter's own import, which registers once it is complete
     from .adapter import register
     register(distiller)
 

@@ -1,6 +1,10 @@
 """Loading a checkpoint never runs code from it, and loads what Distiller really saves (real Distiller)."""
 import collections
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,6 +71,58 @@ def test_a_checkpoint_whose_quantizer_metadata_names_a_file_reading_quantizer_ru
     assert not marker.exists()
 
 
+class CraftedDtype:
+    """Unpickles as ``numpy.dtype(name)`` with the given saved state (NumPy trusts its flags and sizes)."""
+
+    def __init__(self, name, state):
+        self.name, self.state = name, state
+
+    def __reduce__(self):
+        return np.dtype, (self.name, False, True), self.state
+
+
+class NumpyScalarOf:
+    """Unpickles as NumPy's ``scalar(dtype, data)``, as a saved NumPy number does."""
+
+    def __init__(self, dtype, data):
+        self.dtype, self.data = dtype, data
+
+    def __reduce__(self):
+        return np.float64(0).__reduce__()[0], (self.dtype, self.data)  # numpy._core.multiarray.scalar
+
+
+POINTER = (0x41414141).to_bytes(8, "little")  # an address NumPy would read a Python object from
+
+
+@pytest.mark.parametrize("dtype", [
+    CraftedDtype("O8", (3, "|", None, None, None, 8, 8, 0)),  # object dtype, 'holds no objects'
+    CraftedDtype("f8", (3, "<", None, None, None, 8, 8, 63)),  # a float dtype whose flags say 'objects'
+    CraftedDtype("V8", (3, "|", None, None, None, 8, 1, 0)),   # raw bytes
+], ids=["object", "float-with-object-flags", "void"])
+def test_a_checkpoint_with_a_crafted_numpy_dtype_is_refused(tmp_path, dtype):
+    path = tmp_path / "crafted.pth.tar"
+    torch.save({"state_dict": {}, "extras": {"best_top1": NumpyScalarOf(dtype, POINTER)}}, path)
+    # in a child process: without the check, printing the value dereferences the pointer (a crash)
+    load = ("from distiller_dcq.adapter.checkpoints import load_distiller_checkpoint\n"
+            f"try:\n    print(load_distiller_checkpoint({str(path)!r}))\nexcept ValueError as err:\n    print(err)")
+    child = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert "cannot be loaded safely (UnpicklingError: the checkpoint " in child.stdout, child.stdout
+
+
+def test_numpy_numbers_saved_by_distiller_load_as_numpy_numbers(tmp_path):
+    extras = {"best_top1": np.float64(98.75), "best_epoch": np.int64(7), "is_best": np.bool_(True),
+              "top5": np.float32(99.5), "count": np.uint8(3)}
+    path = tmp_path / "extras.pth.tar"
+    torch.save({"state_dict": {}, "extras": extras}, path)
+    loaded = load_distiller_checkpoint(str(path))["extras"]
+    assert {k: (type(v), v) for k, v in loaded.items()} == {k: (type(v), v) for k, v in extras.items()}
+    with pytest.raises(ValueError, match="scalar from .* only a plain dtype and its bytes"):
+        torch.save({"x": NumpyScalarOf(np.dtype("f8"), b"\0" * 4)}, path)  # 4 bytes for an 8-byte float
+        load_distiller_checkpoint(str(path))
+
+
 class CallsSGD:
     def __reduce__(self):
         return torch.optim.SGD, ([torch.zeros(1)], 0.1)
@@ -124,3 +180,24 @@ def test_a_checkpoint_saved_without_dataparallel_loads_into_a_dataparallel_model
     apputils.save_checkpoint(0, "simplenet_mnist", wrapped, dir=str(tmp_path))
     plain = apputils.load_lean_checkpoint(lenet(), str(tmp_path / "checkpoint.pth.tar"))
     assert torch.equal(plain.fc2.weight, teacher["fc2.weight"])
+
+
+def test_a_vgg_checkpoint_with_pruning_masks_loads_across_dataparallel_both_ways(tmp_path):
+    """On GPUs compress_classifier wraps only VGG's ``features`` (``features.module.0.weight``)."""
+    def vgg(wrapped):
+        model = create_model(False, "cifar10", "vgg11_bn_cifar", parallel=False, device_ids=-1)
+        if wrapped:
+            model.features = torch.nn.DataParallel(model.features)
+        return model
+
+    for saved_wrapped in (False, True):
+        saved = vgg(saved_wrapped)
+        scheduler = distiller.CompressionScheduler(saved)
+        conv = "features.module.0.weight" if saved_wrapped else "features.0.weight"
+        scheduler.zeros_mask_dict[conv].mask = (torch.rand_like(saved.state_dict()[conv]) > 0.5).float()
+        apputils.save_checkpoint(0, "vgg11_bn_cifar", saved, scheduler=scheduler, dir=str(tmp_path))
+        loaded, loaded_scheduler, _, _ = apputils.load_checkpoint(vgg(not saved_wrapped),
+                                                                   str(tmp_path / "checkpoint.pth.tar"))
+        other = "features.0.weight" if saved_wrapped else "features.module.0.weight"
+        assert torch.equal(loaded.state_dict()[other], saved.state_dict()[conv])
+        assert torch.equal(loaded_scheduler.zeros_mask_dict[other].mask, scheduler.zeros_mask_dict[conv].mask)

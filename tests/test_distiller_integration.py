@@ -57,6 +57,14 @@ def test_installing_the_package_is_enough_for_a_fresh_interpreter():
     assert rc == 0 and "False" in out, out
 
 
+
+def test_the_adapter_imported_before_distiller_registers_once():
+    code = ("import distiller_dcq.adapter.checkpoints, distiller.config as c, distiller.apputils.checkpoint as a; "
+            "print(c.SectionalKDPolicy.__module__, type(a.torch).__name__, type(a.torch.torch).__name__)")
+    rc, out = in_fresh_python(code)  # (patched twice, the checkpoint loader would wrap itself)
+    assert rc == 0 and "distiller_dcq.adapter.policy _TorchForDistillerCheckpoints module" in out, out
+
+
 PANDAS_SUMMARY = ("import distiller, torch; m = torch.nn.Sequential(torch.nn.Linear(3, 2)); "
                   "print(distiller.weights_sparsity_tbl_summary(m)); print('summary ok')")
 

@@ -125,29 +125,37 @@ def test_dorefa_weight_mode_is_distillers_formula_by_default():
         assert torch.allclose(getattr(results[0], layer).weight, getattr(results[1], layer).weight)
 
 
-def test_recalibrate_bn_re_estimates_the_stitched_statistics_before_the_stages_last_validation(tmp_path, monkeypatch,
-                                                                                              caplog):
+QUANTIZER_WINDOW = """
+  - quantizer: {instance_name: q}
+    starting_epoch: 0
+    ending_epoch: 3
+    frequency: 1
+"""
+RECALIBRATED_WINDOW = """
+  - extension: {instance_name: dcq}
+    starting_epoch: 0
+    ending_epoch: 2
+    frequency: 1
+"""
+
+
+@pytest.mark.parametrize("dcq_listed_first", [False, True])
+def test_recalibrate_bn_re_estimates_the_stitched_statistics_with_the_last_steps_weights_before_validation(
+        tmp_path, monkeypatch, caplog, dcq_listed_first):
     import logging
     from distiller_env import compress_classifier_script
     from distiller_dcq.engine import recalibrate_batchnorm
     monkeypatch.syspath_prepend(str(compress_classifier_script().parent))  # image_classifier imports its parser.py
     import distiller.apputils.image_classifier as classifier
     from distiller.data_loggers import NullLogger
+    windows = [RECALIBRATED_WINDOW, QUANTIZER_WINDOW] if dcq_listed_first else [QUANTIZER_WINDOW, RECALIBRATED_WINDOW]
     text = """
-    quantizers:
-      q: {class: DCQQuantizer, weight_mode: binary}
-    extensions:
-      dcq: {class: SectionalKDPolicy, boundaries: [layer1, layer2], loss: mse, recalibrate_bn: 2}
-    policies:
-      - quantizer: {instance_name: q}
-        starting_epoch: 0
-        ending_epoch: 2
-        frequency: 1
-      - extension: {instance_name: dcq}
-        starting_epoch: 0
-        ending_epoch: 1
-        frequency: 1
-    """
+quantizers:
+  q: {class: DCQQuantizer, weight_mode: binary}
+extensions:
+  dcq: {class: SectionalKDPolicy, boundaries: [layer1, layer2], loss: mse, recalibrate_bn: 5}
+policies:
+""" + "".join(windows)
     torch.manual_seed(0)
     model, scheduler = scheduler_from(tmp_path, text, create_model(False, "cifar10", "resnet20_cifar", parallel=False,
                                                                    device_ids=-1))
@@ -156,14 +164,18 @@ def test_recalibrate_bn_re_estimates_the_stitched_statistics_before_the_stages_l
     images = torch.randn(24, 3, 32, 32)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.randint(0, 10, (24,))),
                                          batch_size=8)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    scheduler.on_epoch_begin(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     with caplog.at_level(logging.INFO):
-        classifier.train(loader, model, torch.nn.CrossEntropyLoss(), optimizer, 0, scheduler, [NullLogger()], args)
-    assert "re-estimated the stitched network's BatchNorm statistics on the last 2 training batches" in caplog.text
+        for epoch in (0, 1):
+            scheduler.on_epoch_begin(epoch)
+            classifier.train(loader, model, torch.nn.CrossEntropyLoss(), optimizer, epoch, scheduler,
+                             [NullLogger()], args)
+        model.eval()(images[:2])  # the stage's last validation
+    # 5 batches asked, 3 in an epoch: the last epoch's (a run resumed at epoch 1 keeps the same ones)
+    assert "re-estimated the stitched network's BatchNorm statistics on the last 3 training batches" in caplog.text
     bn = model.layer3[0].bn1
     got = bn.running_mean.clone(), bn.running_var.clone()
-    recalibrate_batchnorm(model, [(images[8:16],), (images[16:],)])  # the same weights, the last two batches
+    recalibrate_batchnorm(model, [(images[:8],), (images[8:16],), (images[16:],)])  # the weights of the last step
     assert torch.allclose(got[0], bn.running_mean) and torch.allclose(got[1], bn.running_var)
 
 

@@ -29,10 +29,11 @@ def test_commands_are_written_with_paths_another_machine_can_follow():
               "/home/me/shared": "../shared", "/home/me/shared/teachers/t.pth": "/data/t.pth"}
     command = ("/venv/bin/python /src/distiller/examples/classifier_compression/compress_classifier.py "
                "/home/me/shared/data/mnist --compress /home/me/dcq/schedules/x.yaml --out-dir /home/me/dcq "
-               "--exp-load-weights-from /home/me/shared/teachers/t.pth /home/me/dcq2/y /venv/bin/python3")
+               "--exp-load-weights-from /home/me/shared/teachers/t.pth /home/me/dcq2/y /venv/bin/python3 /mnt/home/me/dcq/z")
     assert portable_paths(command, places) == (
         "python $DISTILLER_SRC/examples/classifier_compression/compress_classifier.py ../shared/data/mnist "
-        "--compress schedules/x.yaml --out-dir . --exp-load-weights-from /data/t.pth /home/me/dcq2/y /venv/bin/python3")
+        "--compress schedules/x.yaml --out-dir . --exp-load-weights-from /data/t.pth /home/me/dcq2/y /venv/bin/python3 "
+        "/mnt/home/me/dcq/z")
 
 
 ABSOLUTE_PATH = re.compile(r"(?<![\w.~$-])/(?:work|tmp|home|root|Users)/[^\s`'\")\]]*")

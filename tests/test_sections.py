@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from distiller_dcq.engine import BinaryWeights, SectionWiring, balanced_boundaries, quantize_weights_
+from distiller_dcq.engine.sections import _without_dataparallel
 from conftest import LeNet
 
 X = torch.zeros(2, 1, 28, 28)
@@ -67,6 +68,28 @@ def test_boundaries_and_num_sections_are_exclusive_and_temperature_positive():
 
 
 # --- automatic cuts --------------------------------------------------------------------------------
+
+class Pair(nn.Module):
+    def forward(self, x):
+        return x, x.relu()
+
+
+class ConvOfSum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3)
+
+    def forward(self, pair):
+        return self.conv(pair[0] + pair[1])
+
+
+def test_num_sections_skips_cuts_the_model_cannot_take_and_one_section_needs_none():
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict([("conv1", nn.Conv2d(1, 2, 3)), ("pair", Pair()), ("sum", ConvOfSum()),
+                                       ("relu", nn.ReLU()), ("flat", nn.Flatten()), ("fc", nn.Linear(2 * 24 * 24, 10))]))
+    assert balanced_boundaries(model, 1, X) == []
+    assert balanced_boundaries(model, 2, X) == ["flat"]  # the balanced valid cut; "pair" (a tuple) is none
+
 
 def test_num_sections_balances_macs_and_cuts_after_activations():
     # LeNet MACs: conv1 288k, conv2 1.6M, fc1 400k, fc2 5k. Two sections: cutting after pool2 gives
@@ -292,6 +315,34 @@ def test_a_dataparallel_student_on_cpu_takes_names_with_or_without_module_and_gi
         wrapped.train()(x)
         assert {k: v.item() for k, v in wiring.section_losses().items()} == expected
         wiring.merge()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, DataParallel moves the module onto it")
+def test_a_student_whose_features_alone_are_dataparallel_takes_the_plain_names():
+    """compress_classifier wraps only ``features`` of VGG and AlexNet: ``features.module.3``."""
+    def vgg_like(quantized=True):
+        torch.manual_seed(0)
+        model = nn.Sequential(OrderedDict([("features", conv_bn_net()[:6]), ("flat", nn.Flatten()),
+                                           ("classifier", nn.Linear(4 * 24 * 24, 10))]))
+        if quantized:
+            quantize_weights_(model, BinaryWeights(scale="layer"))
+        return model
+
+    x = torch.randn(8, 1, 28, 28)
+    plain_student, wrapped_student = vgg_like(), vgg_like()
+    wrapped_student.features = nn.DataParallel(wrapped_student.features)
+    losses = []
+    for student in (plain_student, wrapped_student):
+        wiring = SectionWiring(student, vgg_like(quantized=False), ["features.relu1", "features"],
+                               example_input=X).split()
+        student.train()(x)
+        losses.append({k: v.item() for k, v in wiring.section_losses().items()})
+        owners = {name: section for section, params in wiring._sections_by_owner(
+            _without_dataparallel(student, student.named_parameters())).items() for name, _ in params}
+        assert owners["features.conv2.parametrizations.weight.original"] == "features"
+        assert owners["classifier.bias"] == "output" and None not in owners.values()
+        wiring.merge()
+    assert losses[0] == losses[1]
 
 
 def test_a_module_the_forward_pass_never_calls_cannot_be_a_boundary():

@@ -2,6 +2,8 @@
 
 The only package that imports Distiller; ``distiller_dcq.engine`` never does.
 """
+import sys
+
 from .._hooks import when_imported
 from .compat import (patch_checkpoint_loading, patch_class_name_errors, patch_criterion_loss, patch_pandas_precision,
                      patch_policy_windows, patch_quantizer_prepare, patch_resumed_lr, patch_scheduler_state)
@@ -13,12 +15,14 @@ YAML_CLASSES = (DCQQuantizer, SectionalKDPolicy)
 
 
 def register(distiller):
-    """Make our classes resolvable as YAML ``class:`` names and apply the compat patches."""
+    """Make our classes resolvable as YAML ``class:`` names and apply the compat patches (once)."""
     import distiller.apputils.checkpoint as checkpoint_module
     import distiller.apputils.data_loaders as data_loaders
     import distiller.config as config
     import distiller.model_summaries as model_summaries
     import distiller.quantization.quantizer as quantizer_module
+    if getattr(config, SectionalKDPolicy.__name__, None) is SectionalKDPolicy:
+        return
     for cls in YAML_CLASSES:
         setattr(config, cls.__name__, cls)
     patch_pandas_precision(model_summaries)
@@ -34,5 +38,7 @@ def register(distiller):
     # image_classifier imports compress_classifier's own parser.py: patch it only when an application loads it
     when_imported("distiller.apputils.image_classifier", lambda module: patch_policy_windows(module, SectionalKDPolicy))
 
+
+register(sys.modules["distiller"])  # when this module was imported before Distiller (the hook waited for it)
 
 __all__ = ["DCQQuantizer", "SectionalKDPolicy", "register", "YAML_CLASSES"]

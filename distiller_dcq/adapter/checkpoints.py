@@ -14,19 +14,17 @@ what calling it can do:
 - only quantizers whose constructors just build training state are rebuilt (``REBUILDABLE_QUANTIZERS``):
   Distiller's ``PostTrainLinearQuantizer``, for one, reads the (unsafe) YAML file named in its
   parameters, so a checkpoint naming it is refused;
-- ``ThinningRecipe`` (a namedtuple: calling it builds a tuple) and NumPy's scalar/dtype constructors
-  (they build numbers) are allowed as they are.
+- ``ThinningRecipe`` (a namedtuple: calling it builds a tuple) is allowed as it is;
+- NumPy's own ``dtype`` and ``scalar`` are not: their names unpickle to checked stand-ins that build
+  only plain numbers (NumPy's ``dtype.__setstate__`` trusts the flags and sizes in the file, and a
+  crafted state makes ``scalar`` build objects from pointers chosen by the file).
 """
+import itertools
 import os
 import pickle
 
 import numpy as np
 import torch
-
-try:
-    from numpy._core.multiarray import scalar as _numpy_scalar
-except ImportError:  # NumPy < 2
-    from numpy.core.multiarray import scalar as _numpy_scalar
 
 # Quantizers whose __init__(model, optimizer, **params) touches no file and runs no user code.
 REBUILDABLE_QUANTIZERS = ("distiller.quantization.clipped_linear.DorefaQuantizer",
@@ -55,6 +53,42 @@ class ClassReference:
         return f"ClassReference({_path(self.cls)})"
 
 
+PLAIN_NUMPY_DTYPES = ("b1", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f2", "f4", "f8", "c8", "c16")
+_PLAIN_DTYPE_STATE = (None, None, None, -1, -1, 0)  # (fields, names, subarray, itemsize, alignment, flags)
+
+
+class NumpyDtype:
+    """What ``numpy.dtype`` unpickles to: a plain numeric dtype whose saved state may set only its byte
+    order (``.dtype`` is the real one)."""
+
+    def __init__(self, name, align=False, copy=True):
+        if name not in PLAIN_NUMPY_DTYPES or align is not False:
+            raise pickle.UnpicklingError(f"the checkpoint builds NumPy dtype {name!r} (align={align!r}); only plain "
+                                         f"numbers are accepted: {', '.join(PLAIN_NUMPY_DTYPES)}")
+        self.dtype = np.dtype(name)
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3 and state[1] in ("<", ">", "|", "=")
+                and state[2:] == _PLAIN_DTYPE_STATE):
+            raise pickle.UnpicklingError(f"the checkpoint gives NumPy dtype {self.dtype} the state {state!r}, which is "
+                                         f"not a plain number's: refused")
+        if state[1] in ("<", ">"):
+            self.dtype = self.dtype.newbyteorder(state[1])
+
+
+def numpy_scalar(dtype, data):
+    """What ``numpy...multiarray.scalar`` unpickles to: the number ``data`` holds, read as ``dtype``."""
+    if not (isinstance(dtype, NumpyDtype) and isinstance(data, bytes) and len(data) == dtype.dtype.itemsize):
+        raise pickle.UnpicklingError(f"the checkpoint builds a NumPy scalar from {dtype!r} and {type(data).__name__}; "
+                                     f"only a plain dtype and its bytes are accepted: refused")
+    return np.frombuffer(data, dtype=dtype.dtype)[0]
+
+
+_NUMPY_STAND_INS = [(NumpyDtype, "numpy.dtype"),
+                    (numpy_scalar, "numpy._core.multiarray.scalar"),
+                    (numpy_scalar, "numpy.core.multiarray.scalar")]  # NumPy 1 names it so
+
+
 def _optimizer_classes():
     return [c for c in vars(torch.optim).values() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
             and c is not torch.optim.Optimizer]
@@ -69,8 +103,7 @@ def _quantizer_classes():
 
 def _allowed_globals(references):
     from distiller.thinning import ThinningRecipe
-    numpy_scalars = [_numpy_scalar, np.dtype] + [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64)]
-    return [(ref, _path(ref.cls)) for ref in references] + [ThinningRecipe] + numpy_scalars
+    return [(ref, _path(ref.cls)) for ref in references] + [ThinningRecipe] + _NUMPY_STAND_INS
 
 
 def _class_from(reference, allowed, what):
@@ -94,6 +127,33 @@ def torch_load_distiller_checkpoint(torch_load, *args, **kwargs):
         if metadata:
             metadata["type"] = _class_from(metadata.get("type"), quantizers, "quantizer_metadata['type']")
     return checkpoint
+
+
+def _without_dataparallel(name):
+    return ".".join(part for part in name.split(".") if part != "module")
+
+
+def fit_dataparallel_names(checkpoint, model):
+    """compress_classifier wraps the model (VGG's and AlexNet's ``features`` only) in DataParallel on
+    GPUs, which puts ``module.`` into every name; a checkpoint saved the other way (on a CPU, say) gets
+    its names fitted to the model: weights, pruning masks and thinning recipes. Distiller itself only
+    strips a leading ``module.``, and only for checkpoints that hold a compression schedule."""
+    names = itertools.chain(model.state_dict(), (name for name, _ in model.named_modules()))
+    wanted = {_without_dataparallel(name): name for name in names}
+
+    def fitted(mapping):
+        return type(mapping)((wanted.get(_without_dataparallel(k), k) if isinstance(k, str) else k, v)
+                             for k, v in mapping.items())
+
+    if isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint["state_dict"] = fitted(checkpoint["state_dict"])
+    schedule = checkpoint.get("compression_sched")
+    if isinstance(schedule, dict) and isinstance(schedule.get("masks_dict"), dict):
+        schedule["masks_dict"] = fitted(schedule["masks_dict"])
+    if isinstance(checkpoint.get("thinning_recipes"), list):
+        checkpoint["thinning_recipes"] = [recipe._replace(modules=fitted(recipe.modules),
+                                                          parameters=fitted(recipe.parameters))
+                                          for recipe in checkpoint["thinning_recipes"]]
 
 
 def _reason(err):

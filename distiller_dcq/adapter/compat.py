@@ -14,7 +14,7 @@ import random
 import numpy as np
 import torch
 
-from .checkpoints import torch_load_distiller_checkpoint
+from .checkpoints import fit_dataparallel_names, torch_load_distiller_checkpoint
 
 PATCHED = "patched_by_distiller_dcq"
 RESTORED_QUANTIZER = "distiller_dcq_restored_quantizer"  # model attribute: the quantizer rebuilt from a checkpoint
@@ -96,7 +96,7 @@ class _TorchForDistillerCheckpoints:
     def load(self, *args, **kwargs):
         checkpoint = torch_load_distiller_checkpoint(self._torch.load, *args, **kwargs)
         if _loading_into and _loading_into[-1] is not None and isinstance(checkpoint, dict):
-            _fit_dataparallel_prefix(checkpoint, _loading_into[-1])
+            fit_dataparallel_names(checkpoint, _loading_into[-1])
         metadata = checkpoint.get("quantizer_metadata") if isinstance(checkpoint, dict) else None
         if metadata:
             metadata["type"] = _rebuild_quantizer(metadata["type"])
@@ -118,20 +118,6 @@ def _rebuild_quantizer(quantizer_cls):
 
 
 _loading_into = []  # the model of each Distiller load_checkpoint in progress
-
-
-def _fit_dataparallel_prefix(checkpoint, model):
-    """compress_classifier wraps the model in DataParallel on GPUs (keys ``module.*``); a checkpoint
-    saved without it (on a CPU, say) gets the prefix, and the other way round. Distiller itself only
-    strips it, and only for checkpoints that hold a compression schedule."""
-    state = checkpoint.get("state_dict")
-    if not isinstance(state, dict) or not state:
-        return
-    wanted, saved = (all(k.startswith("module.") for k in keys) for keys in (model.state_dict(), state))
-    if wanted and not saved:
-        checkpoint["state_dict"] = type(state)(("module." + k, v) for k, v in state.items())
-    elif saved and not wanted:
-        checkpoint["state_dict"] = type(state)((k[len("module."):], v) for k, v in state.items())
 
 
 def patch_checkpoint_loading(checkpoint_module, apputils):

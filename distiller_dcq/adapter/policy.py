@@ -8,8 +8,8 @@ import torch
 from distiller.policy import LossComponent, PolicyLoss, ScheduledTrainingPolicy
 from distiller.quantization.quantizer import FP_BKP_PREFIX
 
-from ..engine.sections import SectionWiring
-from .checkpoints import load_distiller_checkpoint
+from ..engine.sections import SectionWiring, recalibrate_batchnorm
+from .checkpoints import fit_dataparallel_names, load_distiller_checkpoint
 from .compat import RESUMED_POLICY_STATES, criterion_loss
 
 msglogger = logging.getLogger()
@@ -39,8 +39,10 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
         teacher: path to an FP checkpoint of the same architecture; default: the model as it stood
             when the schedule was built (load it with --exp-load-weights-from).
         recalibrate_bn: at the merge, re-estimate the stitched network's BatchNorm statistics on the
-            stage's last this many training batches (default 0: keep the statistics gathered while
-            split, which in parallel mode come from the teacher's activations).
+            stage's last this many training batches, at most its last epoch's (default 0: keep the
+            statistics gathered while split, which in parallel mode come from the teacher's
+            activations). It happens right before the next forward pass (the stage's last
+            validation), when every policy has finished the last step.
 
     Resuming (``--resume-from``) in the middle of the stage continues as if uninterrupted: the
     teacher's weights and the RNG states are saved in every Distiller checkpoint with the
@@ -58,7 +60,7 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
         self.label_weight = float(label_weight)
         if not isinstance(recalibrate_bn, int) or recalibrate_bn < 0:
             raise ValueError(f"recalibrate_bn is a number of training batches (an integer >= 0), got {recalibrate_bn!r}")
-        self.recalibrate_bn, self._last_epoch = recalibrate_bn, None
+        self.recalibrate_bn, self._last_epoch, self._pending_recalibration = recalibrate_bn, None, None
         resumed = getattr(model, RESUMED_POLICY_STATES, {}).get(name)
         teacher_model = _fp_teacher(model, name, teacher, resumed)
         example_input = torch.zeros(_input_shape(model), device=next(model.parameters()).device)
@@ -85,6 +87,7 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
                              f"schedule it with starting_epoch, ending_epoch and frequency: 1, not "
                              + ("an epochs: list" if meta.get("frequency") is None else f"frequency: {meta['frequency']}"))
         self._last_epoch = meta["ending_epoch"] - 1
+        self.wiring.recent_inputs.clear()  # this epoch's batches only: a resumed run keeps the same ones
         if not self.wiring.is_split:
             if not _is_quantized(model):
                 raise ValueError(f"DCQ policy {self.name!r} found no quantized weights on the model: declare a "
@@ -128,14 +131,25 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
 
     def on_minibatch_end(self, model, epoch, minibatch_id, minibatches_per_epoch, zeros_mask_dict, optimizer):
         if self.recalibrate_bn and epoch == self._last_epoch and minibatch_id == minibatches_per_epoch - 1:
-            batches = len(self.wiring.recent_inputs)
-            self.wiring.merge(recalibrate=True)  # before the stage's last validation, which then measures it
-            msglogger.info("DCQ %s: re-estimated the stitched network's BatchNorm statistics on the last %d "
-                           "training batches", self.name, batches)
+            batches = list(self.wiring.recent_inputs)
+            self.wiring.merge()
+            # policies after this one (the quantizer's re-quantization) still have to finish this step
+            handle = model.register_forward_pre_hook(lambda module, inputs: self._recalibrate())
+            self._pending_recalibration = model, batches, handle
+
+    def _recalibrate(self):
+        model, batches, handle = self._pending_recalibration
+        handle.remove()
+        self._pending_recalibration = None
+        recalibrate_batchnorm(model, batches)
+        msglogger.info("DCQ %s: re-estimated the stitched network's BatchNorm statistics on the last %d "
+                       "training batches", self.name, len(batches))
 
     def on_epoch_end(self, model, zeros_mask_dict, meta, **kwargs):
         if meta["current_epoch"] != meta["ending_epoch"] - 1:
             return
+        if self._pending_recalibration is not None:  # no validation ran since the last step
+            self._recalibrate()
         self.wiring.merge()
         top1 = kwargs.get("metrics", {}).get("max")
         msglogger.info("DCQ %s: merged the %d sections into one network; stitched network validation Top1: %s",
@@ -188,12 +202,11 @@ def _load_teacher_weights(teacher_model, path, model):
     if arch and checkpoint.get("arch") not in (None, arch):
         raise ValueError(f"teacher checkpoint {path!r} is for arch {checkpoint['arch']!r}, but the model is "
                          f"{arch!r}: give a teacher of the same architecture")
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint["state_dict"].items()}
-    target = getattr(teacher_model, "module", teacher_model)
-    expected = target.state_dict()
+    fit_dataparallel_names(checkpoint, teacher_model)
+    state, expected = checkpoint["state_dict"], teacher_model.state_dict()
     mismatched = [k for k, v in state.items() if k in expected and expected[k].shape != v.shape]
     missing = [k for k in expected if k not in state]
     if mismatched or missing:
         raise ValueError(f"teacher checkpoint {path!r} does not fit the model (missing {missing[:5]}, shape "
                          f"mismatch {mismatched[:5]}): give a teacher of the same architecture and classes")
-    target.load_state_dict(state, strict=False)
+    teacher_model.load_state_dict(state, strict=False)

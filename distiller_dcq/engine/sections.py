@@ -58,9 +58,24 @@ def _unwrap(model):
     return model.module if isinstance(model, nn.DataParallel) else model
 
 
+def _without_dataparallel(model, named_items):
+    """``named_items`` (from ``model.named_modules()`` or ``named_parameters()``) renamed as if no
+    DataParallel wrapped any part of ``model`` (compress_classifier wraps the whole model on GPUs, and
+    VGG's and AlexNet's ``features`` only), the wrappers themselves left out."""
+    for name, item in named_items:
+        if isinstance(item, nn.DataParallel):
+            continue
+        kept, owner = [], model
+        for part in name.split(".") if name else []:
+            if not (isinstance(owner, nn.DataParallel) and part == "module"):
+                kept.append(part)
+            owner = getattr(owner, part)
+        yield ".".join(kept), item
+
+
 def _module_index(model):
-    """Module names of ``model`` (without a DataParallel ``module.`` prefix) -> module."""
-    return OrderedDict((n, m) for n, m in _unwrap(model).named_modules()
+    """Module names of ``model`` (without DataParallel's ``module.``) -> module."""
+    return OrderedDict((n, m) for n, m in _without_dataparallel(model, model.named_modules())
                        if n and ".parametrizations" not in n and not n.startswith("parametrizations"))
 
 
@@ -113,6 +128,8 @@ def balanced_boundaries(model, num_sections, example_input):
     cut there is valid (``validate_boundaries``: it runs once, no skip connection crosses it)."""
     if not isinstance(num_sections, int) or num_sections < 1:
         raise ValueError(f"num_sections must be an integer >= 1, got {num_sections!r}")
+    if num_sections == 1:
+        return []
     trace = trace_forward(model, example_input)
     children = OrderedDict(_unwrap(model).named_children())
     ordered = [n for n in trace.order if n in children]
@@ -127,7 +144,7 @@ def balanced_boundaries(model, num_sections, example_input):
         try:
             validate_boundaries(model, [child], example_input)
             return True
-        except ValueError:
+        except Exception:  # not only the checks' ValueError: a cut the model cannot take (a tuple output...)
             return False
 
     candidates = [i for i in range(len(ordered) - 1) if has_weights(ordered[i + 1]) and valid_cut(ordered[i])]
@@ -222,8 +239,8 @@ def _check_nothing_bypasses(model, boundaries, example_input):
 
 def recalibrate_batchnorm(model, batches):
     """Re-estimate the running statistics of every BatchNorm in ``model`` as the average over
-    ``batches`` (tuples of forward inputs) of what a training-mode forward computes; no gradients,
-    nothing else changes (modes and momenta are put back)."""
+    ``batches`` (tuples of forward inputs, moved to the model's device) of what a training-mode
+    forward computes; no gradients, nothing else changes (modes and momenta are put back)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     modes, momenta = {m: m.training for m in model.modules()}, {m: m.momentum for m in norms}
     try:
@@ -231,9 +248,10 @@ def recalibrate_batchnorm(model, batches):
             m.reset_running_stats()
             m.momentum = None  # a cumulative average over the batches
         model.train()
+        device = next(model.parameters()).device
         with torch.no_grad():
             for inputs in batches:
-                model(*inputs)
+                model(*(i.to(device) for i in inputs))
     finally:
         for m, training in modes.items():
             m.training = training
@@ -254,7 +272,8 @@ class SectionWiring:
         temperature: softens probabilities/distributions in the losses that use them.
         section_inputs: what section i+1 receives: the ``"teacher"``'s activation at boundary i
             (parallel mode, the paper's) or the ``"student"``'s own, detached.
-        keep_inputs: keep the last this many training batches, for ``merge(recalibrate=True)``.
+        keep_inputs: keep the last this many training batches (in CPU memory), for
+            ``merge(recalibrate=True)``.
 
     Use: ``split()``; then every training forward ``student(x)`` followed by ``section_losses()``
     gives one loss per trained section; ``merge()`` at the end.
@@ -350,7 +369,7 @@ class SectionWiring:
         """Section name -> the student's parameters in that section, each with the module that owns it:
         a quantizer's FP copy (``conv1.parametrizations.weight.original``, Distiller's
         ``conv1.float_weight``) goes with its layer. Parameters of no section are under ``None``."""
-        named = self._sections_by_owner(_unwrap(self.student).named_parameters())
+        named = self._sections_by_owner(_without_dataparallel(self.student, self.student.named_parameters()))
         return OrderedDict((section, [p for _, p in items]) for section, items in named.items())
 
     def train_sections(self, names):
@@ -370,12 +389,12 @@ class SectionWiring:
         if names != self.section_names:
             if not hasattr(torch.Tensor, "register_post_accumulate_grad_hook"):
                 raise NotImplementedError("training some sections only (sequential mode) needs torch >= 2.1")
-            params = self._sections_by_owner(_unwrap(self.student).named_parameters())
+            params = self._sections_by_owner(_without_dataparallel(self.student, self.student.named_parameters()))
             if params[None]:
                 warnings.warn(f"parameters {[n for n, _ in params[None]]} belong to no section (registered on the "
                               f"model itself, or on modules its forward never calls): they stay frozen while only "
                               f"some sections train; register them on the module that uses them", stacklevel=2)
-            modules = self._sections_by_owner(_unwrap(self.student).named_modules())
+            modules = self._sections_by_owner(_without_dataparallel(self.student, self.student.named_modules()))
             for section in [s for s in self.section_names if s not in names] + [None]:
                 for _, param in params[section]:
                     param.grad = None  # a stale gradient (zero_grad(set_to_none=False)) would still move it
@@ -391,7 +410,7 @@ class SectionWiring:
         self._student_out = {}
         if self._wired:
             if self.recent_inputs.maxlen:
-                self.recent_inputs.append(tuple(i.detach() for i in inputs))
+                self.recent_inputs.append(tuple(i.detach().cpu() for i in inputs))  # not device memory
             teacher = _unwrap(self.teacher).eval()  # never replicated: its activations are split below
             with torch.no_grad():
                 self._teacher_out[OUTPUT] = teacher(*inputs)

@@ -50,7 +50,8 @@ def portable_paths(text, places):
     places = {str(path).rstrip("/"): written for path, written in places.items() if str(path).rstrip("/")}
     if not places:
         return text
-    pattern = re.compile("(" + "|".join(map(re.escape, sorted(places, key=len, reverse=True))) + r")(/|(?![\w.-]))")
+    pattern = re.compile(r"(?<![\w./-])(" + "|".join(map(re.escape, sorted(places, key=len, reverse=True)))
+                         + r")(/|(?![\w.-]))")
 
     def write(match):
         written, slash = places[match[1]], match[2]
