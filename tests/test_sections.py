@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from distiller_dcq.engine import BinaryWeights, SectionWiring, balanced_boundaries, quantize_weights_
-from distiller_dcq.engine.sections import _without_dataparallel
+from distiller_dcq.engine.sections import MIXED_TEACHER_SHARE, _without_dataparallel
 from conftest import LeNet
 
 X = torch.zeros(2, 1, 28, 28)
@@ -201,6 +201,26 @@ def test_student_inputs_hand_each_section_the_students_own_detached_activation()
     student.conv2.register_forward_pre_hook(lambda m, i: seen.__setitem__("conv2_in", i[0]))
     student.train()(torch.randn(4, 1, 28, 28))
     assert torch.equal(seen["conv2_in"], seen["pool1_out"]) and not seen["conv2_in"].requires_grad
+
+
+def test_mixed_inputs_draw_each_element_from_teacher_or_student_anew_at_every_forward():
+    student, teacher = make_pair()
+    seen, draws = {}, []  # hooks registered before the wiring's see the activations before it hands them on
+    student.pool1.register_forward_hook(lambda m, i, o: seen.__setitem__("student", o))
+    teacher.pool1.register_forward_hook(lambda m, i, o: seen.__setitem__("teacher", o))
+    student.conv2.register_forward_pre_hook(lambda m, i: seen.__setitem__("conv2_in", i[0]))
+    SectionWiring(student, teacher, ["pool1"], example_input=X, section_inputs="mixed").split()
+    x = torch.randn(16, 1, 28, 28)
+    for _ in range(2):
+        student.train()(x)
+        from_teacher = seen["conv2_in"] == seen["teacher"]
+        from_student = seen["conv2_in"] == seen["student"]
+        differ = seen["teacher"] != seen["student"]
+        assert bool((from_teacher | from_student).all()) and not seen["conv2_in"].requires_grad
+        share = from_teacher[differ].float().mean().item()
+        assert abs(share - MIXED_TEACHER_SHARE) < 0.02, share  # ~46,000 elements differ
+        draws.append(from_teacher[differ])
+    assert not torch.equal(draws[0], draws[1])
 
 
 def test_frozen_sections_get_no_update_at_all_momentum_and_weight_decay_included():

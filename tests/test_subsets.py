@@ -22,8 +22,7 @@ def test_balanced_indices_take_as_many_of_each_class_from_the_candidates_only():
 
 def test_the_command_writes_a_subset_directory_relative_to_its_source(tmp_path):
     subsets_main([str(MNIST_DIR), "--size", "60", "--seed", "1", "--out", str(tmp_path / "mnist_60")])
-    source, size, seed = read_subset_dir(str(tmp_path / "mnist_60"))
-    assert (source, size, seed) == (str(MNIST_DIR), 60, 1)
+    assert read_subset_dir(str(tmp_path / "mnist_60")) == (str(MNIST_DIR), 60, 1, 1)
     assert not json.loads((tmp_path / "mnist_60" / "subset.json").read_text())["source"].startswith("/")  # relative
     with pytest.raises(SystemExit):
         subsets_main([str(tmp_path / "mnist_60"), "--size", "6", "--out", str(tmp_path / "again")])
@@ -36,6 +35,7 @@ def test_distiller_reads_a_subset_directory_with_the_full_runs_validation_and_te
     if not (MNIST_DIR / "MNIST" / "raw").is_dir():
         pytest.skip(f"MNIST is missing from {MNIST_DIR}")
     subsets_main([str(MNIST_DIR), "--size", "60", "--out", str(tmp_path / "mnist_60")])
+    subsets_main([str(MNIST_DIR), "--size", "60", "--repeat", "3", "--out", str(tmp_path / "mnist_60x3")])
 
     def loaders(data_dir):
         np.random.seed(0)
@@ -49,6 +49,8 @@ def test_distiller_reads_a_subset_directory_with_the_full_runs_validation_and_te
     assert len(chosen) == 60 and set(chosen) <= set(full_train.sampler.data_source)
     assert np.bincount(train.dataset.targets[chosen].numpy(), minlength=10).tolist() == [6] * 10
     assert sorted(i for batch in [list(train.sampler)] for i in batch) == sorted(chosen)  # every epoch: those 60
+    repeated = list(loaders(tmp_path / "mnist_60x3")[0].sampler)
+    assert sorted(repeated) == sorted(chosen * 3) and repeated[:60] != repeated[60:120]  # 3 times, shuffled
 
 
 def test_compress_classifier_trains_on_the_subset(tmp_path):

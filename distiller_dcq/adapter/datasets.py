@@ -51,7 +51,7 @@ def patch_subset_dirs(data_loaders, apputils):
     original = data_loaders.get_data_loaders
 
     def subset_data_loaders(datasets_fn, data_dir, batch_size, num_workers, *args, **kwargs):
-        source, size, seed = read_subset_dir(data_dir)
+        source, size, seed, repeat = read_subset_dir(data_dir)
         if kwargs.get("effective_train_size", 1.0) != 1.0:
             raise ValueError(f"{data_dir} already fixes the training images ({size} of {source}): drop "
                              f"--effective-train-size")
@@ -65,7 +65,7 @@ def patch_subset_dirs(data_loaders, apputils):
         # train.sampler holds the training part's indices, validation already taken out as in a full run
         indices = balanced_indices(targets, list(train.sampler.data_source), size, seed)
         train = torch.utils.data.DataLoader(train.dataset, batch_size=batch_size,
-                                            sampler=torch.utils.data.SubsetRandomSampler(indices),
+                                            sampler=torch.utils.data.SubsetRandomSampler(indices * repeat),
                                             num_workers=num_workers, pin_memory=True,
                                             worker_init_fn=train.worker_init_fn)
         return train, valid, test, input_shape

@@ -13,7 +13,7 @@ from .checkpoints import fit_dataparallel_names, load_distiller_checkpoint
 from .compat import RESUMED_POLICY_STATES, criterion_loss
 
 msglogger = logging.getLogger()
-MODES = {"parallel": "teacher", "sequential": "student"}  # mode -> where a section's input comes from
+MODES = {"parallel": "teacher", "sequential": "student", "mixed": "mixed"}  # mode -> where a section's input comes from
 
 
 class SectionalKDPolicy(ScheduledTrainingPolicy):
@@ -28,7 +28,9 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
         num_sections: instead of boundaries, cut into N sections balanced by cost.
         mode: ``parallel`` (the paper's: every section learns at once from the teacher's inputs) or
             ``sequential`` (one section at a time, from the already-trained quantized sections before
-            it, which stay frozen; ``section_epochs`` gives each section's share of the window).
+            it, which stay frozen; ``section_epochs`` gives each section's share of the window) or
+            ``mixed`` (every section at once, each input element drawn at random from the teacher's
+            activation or the quantized sections' before it: QDrop's mix, Wei et al., ICLR 2022).
         section_epochs: sequential mode only: epochs per section, in order (default: 1 each); they
             must add up to the policy's window.
         loss: poisson (default), kl, mse, l1, cosine.

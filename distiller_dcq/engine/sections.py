@@ -27,7 +27,8 @@ import torch.nn as nn
 from .losses import get_loss
 
 OUTPUT = "output"  # name of the last section's end: the model output
-SECTION_INPUTS = ("teacher", "student")
+SECTION_INPUTS = ("teacher", "student", "mixed")
+MIXED_TEACHER_SHARE = 0.5  # QDrop's drop probability: the share of a mixed input's elements taken from the teacher
 _SPLIT_STUDENTS = weakref.WeakKeyDictionary()  # student -> the wiring currently split on it
 
 
@@ -271,7 +272,10 @@ class SectionWiring:
         loss: a name from ``distiller_dcq.engine.losses.LOSSES``.
         temperature: softens probabilities/distributions in the losses that use them.
         section_inputs: what section i+1 receives: the ``"teacher"``'s activation at boundary i
-            (parallel mode, the paper's) or the ``"student"``'s own, detached.
+            (parallel mode, the paper's), the ``"student"``'s own, detached, or ``"mixed"``: each
+            element drawn at random from the teacher's (probability ``MIXED_TEACHER_SHARE``) or the
+            student's, anew at every forward (QDrop's mix of full-precision and quantized inputs,
+            Wei et al., ICLR 2022).
         keep_inputs: keep the last this many training batches (in CPU memory), for
             ``merge(recalibrate=True)``.
 
@@ -443,6 +447,9 @@ class SectionWiring:
                 handed_on = self._teacher_out[name]
                 if self._device_ids:  # this replica's share of the batch, as DataParallel scattered it
                     handed_on = handed_on.chunk(self._replicas)[replica].to(output.device)
+                if self.section_inputs == "mixed":
+                    from_teacher = torch.rand_like(output) < MIXED_TEACHER_SHARE
+                    handed_on = torch.where(from_teacher, handed_on, output.detach())
             # a copy: the next layer may work in place on its input, which must not alter a loss operand
             return handed_on.clone()
         return hook

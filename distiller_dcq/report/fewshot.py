@@ -1,0 +1,242 @@
+"""When does DCQ earn its place? Few-shot and label-free quantization, DCQ against QAT and KD.
+
+For every network, training-set size N and seed it makes a fixed, class-balanced subset of N images
+(``distiller_dcq.subsets``; "full": the whole training part, a new random part each epoch) and runs
+every arm's schedule through Distiller's unmodified compress_classifier.py from the same FP teacher.
+Every run of a network takes the same number of optimizer steps, whatever N and the arm: an epoch
+is ``--images-per-epoch`` images (a subset's images are each seen N/images-per-epoch times per
+epoch; N above it: one pass), the schedule's own epochs. Writes into ``--out``: ``results.md`` (test
+top-1, mean ± std over the seeds, and every command), ``results.csv`` (one row per run) and
+``fewshot_<network>.png`` (test top-1 against N, log scale, error bars: std over the seeds).
+Finished runs are reused.
+
+    python -m distiller_dcq.report.fewshot --distiller-src DISTILLER --out results/fewshot --jobs 2
+"""
+import argparse
+import csv
+import math
+import shlex
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..subsets import write_subset_dir
+from .reproduce import NETWORKS, _pairs, _resolve
+from .runs import portable_paths, run_compress_classifier, with_pythonpath
+from .schedules import schedules_dir
+
+# network -> the study's sizes (None: the full training part), epochs, images per epoch, training-part size
+STUDY = {
+    "simplenet_mnist": dict(sizes=(60, 300, 1000, None), epochs=6, images_per_epoch=6400, train_part=54000),
+    "resnet20_cifar": dict(sizes=(512, 2048, 8192, None), epochs=10, images_per_epoch=4096, train_part=45000),
+}
+# arm -> (schedule suffix, what it is, whether it reads labels)
+ARMS = {
+    "dorefa_ce": ("dorefa_binary", "DoReFa QAT, cross-entropy", True),
+    "dorefa_kd": ("dorefa_binary_kd", "DoReFa QAT, logits KD + cross-entropy", True),
+    "kd_labelfree": ("kd_binary_labelfree", "logits KD only, no labels", False),
+    "dcq_ce": ("dcq_binary", "DCQ sections, then cross-entropy", True),
+    "dcq_labelfree": ("dcq_binary_labelfree", "DCQ sections, then logits KD, no labels", False),
+    "dcq_mixed_labelfree": ("dcq_binary_mixed_labelfree", "DCQ, QDrop-mixed section inputs, then logits KD, "
+                                                          "no labels", False),
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    arch: str
+    size: int  # None: the full training part
+    arm: str
+    seed: int
+
+    @property
+    def name(self):
+        return f"{self.arch}_n{self.size or 'full'}_{self.arm}" + (f"_seed{self.seed}" if self.seed else "")
+
+
+def plan(args):
+    """Seed by seed (so that a partial study covers every N), network by network, N by N, arm by arm;
+    sizes above ``--many-seeds-up-to`` get the first seed only."""
+    return [Run(arch, size, arm, seed) for seed in args.seeds for arch in args.networks
+            for size in STUDY[arch]["sizes"] if seed == args.seeds[0] or (size and size <= args.many_seeds_up_to)
+            for arm in args.arms]
+
+
+def data_options(args, run):
+    """The dataset directory (a subset directory made here) and --effective-train-size of ``run``."""
+    study, source = STUDY[run.arch], _resolve(args.data.get(run.arch) or NETWORKS[run.arch]["data"], args.places)
+    if run.size is None:
+        return source, f"{study['images_per_epoch'] / study['train_part']:.6f}"
+    repeat = max(1, round(study["images_per_epoch"] / run.size))
+    subset = args.out / "data" / f"{run.arch}_n{run.size}_seed{run.seed}"
+    write_subset_dir(str(source), run.size, run.seed, str(subset), repeat)
+    return subset, "1.0"
+
+
+def command(args, run):
+    study = STUDY[run.arch]
+    data, train_size = data_options(args, run)
+    teacher = _resolve(args.teacher.get(run.arch) or Path("../shared/teachers") / f"{run.arch}_fp.pth.tar",
+                       args.places)
+    return [sys.executable, args.script, "--arch", run.arch, data, "--cpu", "-j", "0", "-b", args.batch_size,
+            "--lr", args.lr, "--momentum", "0.9", "--wd", "0", "--epochs", str(study["epochs"]), "--vs", "0.1",
+            "--effective-valid-size", args.valid_size, "--seed", str(run.seed), "--effective-train-size", train_size,
+            "--compress", args.schedules / f"{run.arch}_{ARMS[run.arm][0]}.yaml", "--exp-load-weights-from", teacher,
+            "--out-dir", args.out / "runs" / run.name, "--name", run.name]
+
+
+def _top1s(runs, results):
+    return [results[r.name]["test_top1"] for r in runs if results.get(r.name, {}).get("test_top1") is not None]
+
+
+def _cell(values, expected):
+    if not values:
+        return "-"
+    text = f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+    return text + (f" ({len(values)} of {expected})" if len(values) < expected else "")
+
+
+def write_results(args, runs, results):
+    import torch
+    lines = ["# Few-shot and label-free binary-weight quantization: DCQ against QAT and KD", "",
+             f"Made by `python -m distiller_dcq.report.fewshot {shlex.join(args.argv)}` (commands below). Test top-1 "
+             f"(%, the whole test set, after the last epoch), mean ± std over seeds "
+             f"{', '.join(map(str, args.seeds))} for N <= {args.many_seeds_up_to}, seed {args.seeds[0]} above; "
+             f"the seed draws the N images too. Every run: Distiller's unmodified compress_classifier.py from "
+             f"the same FP teacher, SGD lr {args.lr} momentum 0.9, batch {args.batch_size}, binary weights x one "
+             f"scale per layer, FP activations.", "",
+             "Budget, equal across arms and sizes: " + "; ".join(
+                 f"{arch}: {STUDY[arch]['epochs']} epochs of {STUDY[arch]['images_per_epoch']} images "
+                 f"({STUDY[arch]['epochs'] * math.ceil(STUDY[arch]['images_per_epoch'] / int(args.batch_size))} "
+                 f"steps; N above that: one pass per epoch)" for arch in args.networks)
+             + ". A subset of N images is seen about images-per-epoch / N times per epoch.", "",
+             f"Machine: {torch.__version__} on CPU, OMP_NUM_THREADS=1, {args.jobs} run(s) at a time; CIFAR-10 is the "
+             f"lossy JPEG copy (compare the arms with each other, not with published CIFAR-10 numbers).", "",
+             "| arm | labels | what it is |", "|---|---|---|"]
+    lines += [f"| {arm} | {'yes' if ARMS[arm][2] else 'no'} | {ARMS[arm][1]} (`schedules/<network>_{ARMS[arm][0]}.yaml`) |"
+              for arm in args.arms]
+    for arch in args.networks:
+        sizes = STUDY[arch]["sizes"]
+        lines += ["", f"## {arch}", "", "| arm | " + " | ".join(f"N = {n or 'full'}" for n in sizes) + " |",
+                  "|---|" + "---|" * len(sizes)]
+        for arm in args.arms:
+            cells = []
+            for size in sizes:
+                planned = [r for r in runs if (r.arch, r.size, r.arm) == (arch, size, arm)]
+                failed = [r for r in planned if "failed" in results.get(r.name, {})]
+                cells.append("failed" if failed else _cell(_top1s(planned, results), len(planned)))
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines += ["", f"![{arch}](fewshot_{arch}.png)"]
+    lines += ["", "## Commands", "", "Run from the directory the study ran in; `$DISTILLER_SRC` is Distiller's "
+              "source directory, `schedules/` distiller-dcq's; each subset directory is made by "
+              "`python -m distiller_dcq.subsets SOURCE --size N --seed S --repeat K --out DIR`.", ""]
+    lines += [f"- {r.name}: `{shlex.join(results[r.name]['cmd'])}`" for r in runs if r.name in results]
+    (args.out / "results.md").write_text(portable_paths("\n".join(lines) + "\n", args.places))
+    with open(args.out / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "network", "N", "arm", "seed", "test_top1", "seconds"])
+        for r in runs:
+            result = results.get(r.name, {})
+            writer.writerow([r.name, r.arch, r.size or "full", r.arm, r.seed,
+                             result.get("test_top1", result.get("failed", "")), round(result.get("seconds", 0))])
+
+
+def plot(args, runs, results):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    for arch in args.networks:
+        study = STUDY[arch]
+        full_at = study["train_part"]  # where "full" sits on the N axis
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for arm in args.arms:
+            points = []
+            for size in study["sizes"]:
+                values = _top1s([r for r in runs if (r.arch, r.size, r.arm) == (arch, size, arm)], results)
+                if values:
+                    points.append((size or full_at, statistics.mean(values),
+                                   statistics.stdev(values) if len(values) > 1 else 0.0))
+            if points:
+                xs, means, stds = zip(*points)
+                ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=arm,
+                            linestyle="-" if arm.startswith("dcq") else "--")
+        ax.set_xscale("log")
+        ax.set_xticks([n or full_at for n in study["sizes"]], [str(n) if n else f"full\n({full_at})" for n in
+                                                                study["sizes"]])
+        ax.set(title=f"{arch}: binary weights, equal steps", xlabel="training images N (log scale)",
+               ylabel="test top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.out / f"fewshot_{arch}.png", dpi=120)
+        plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--distiller-src", type=Path, required=True, help="Distiller's source directory")
+    parser.add_argument("--networks", nargs="+", default=list(STUDY), choices=list(STUDY))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--many-seeds-up-to", type=int, default=2048,
+                        help="sizes above this get the first seed only (default 2048)")
+    parser.add_argument("--lr", default="0.01")
+    parser.add_argument("--batch-size", default="128")
+    parser.add_argument("--valid-size", default="0.1", help="--effective-valid-size of every run (validation is "
+                                                            "only logged; the test set decides)")
+    parser.add_argument("--data", nargs="*", help="NETWORK=PATH: data directory (default: ../shared/data/...)")
+    parser.add_argument("--teacher", nargs="*", help="NETWORK=PATH: FP checkpoint (default: ../shared/teachers)")
+    parser.add_argument("--schedules", type=Path, help="a schedules directory (default: distiller-dcq's own)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each takes one core: OMP_NUM_THREADS=1)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    args.places = {str(Path.cwd()): ""}
+    args.data, args.teacher = _pairs(args.data, "--data"), _pairs(args.teacher, "--teacher")
+    args.out = _resolve(args.out, args.places)
+    if args.schedules is None:
+        args.schedules = schedules_dir()
+        args.places[str(args.schedules)] = "schedules"
+    args.schedules = _resolve(args.schedules, args.places)
+    args.distiller_src = args.distiller_src.resolve()
+    args.script = args.distiller_src / "examples" / "classifier_compression" / "compress_classifier.py"
+    if not args.script.is_file():
+        parser.error(f"no {args.script.relative_to(args.distiller_src)} under --distiller-src {args.distiller_src}")
+    args.places.update({str(args.distiller_src): "$DISTILLER_SRC", sys.executable: "python"})
+    runs = plan(args)
+    env = {**with_pythonpath(args.distiller_src), "OMP_NUM_THREADS": "1"}
+    results, lock, started = {}, threading.Lock(), time.time()
+
+    def say(message):
+        with lock:
+            print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    commands = {run: command(args, run) for run in runs}  # makes the subset directories, before any run
+
+    def execute(run):
+        result = run_compress_classifier(commands[run], args.out / "runs" / run.name, run.name, env=env, log=say)
+        with lock:
+            results[run.name] = result
+            done = len(results)
+        say(f"{done} of {len(runs)} runs done ({run.name}: {result.get('test_top1', result.get('failed'))}); "
+            f"{(time.time() - started) / 60:.0f} min so far")
+        if done % args.jobs == 0:
+            with lock:
+                write_results(args, runs, results)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(execute, runs))
+    write_results(args, runs, results)
+    plot(args, runs, results)
+    print(f"wrote {args.out / 'results.md'}, results.csv and the plots")
+    failed = [name for name, result in results.items() if "failed" in result]
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)} (their stderr.txt under {args.out / 'runs'})")
+
+
+if __name__ == "__main__":
+    main()
