@@ -98,7 +98,7 @@ def test_num_sections_balances_macs_and_cuts_after_activations():
     assert balanced_boundaries(model, 1, X) == []
     assert balanced_boundaries(model, 2, X) == ["pool2"]
     assert balanced_boundaries(model, 4, X) == ["pool1", "pool2", "relu3"]
-    with pytest.raises(ValueError, match=r"at most 4 \(pool1, pool2, relu3 can end a section\)"):
+    with pytest.raises(ValueError, match=r"into 5 sections: it has 3 valid cuts \(pool1, pool2, relu3\), so at most 4"):
         balanced_boundaries(model, 5, X)
 
 
@@ -456,7 +456,7 @@ class TopLevelSkip(nn.Module):
 def test_num_sections_never_cuts_across_a_skip_connection():
     model = TopLevelSkip()
     assert balanced_boundaries(model, 2, X) == ["relu1"]  # relu2 balances the MACs best, but a skip crosses it
-    with pytest.raises(ValueError, match=r"into 3 sections: its top-level blocks allow at most 2 \(relu1 can end"):
+    with pytest.raises(ValueError, match=r"into 3 sections: it has 1 valid cuts \(relu1\), so at most 2 sections"):
         SectionWiring(model, copy.deepcopy(model), num_sections=3, example_input=X)
 
 

@@ -83,11 +83,14 @@ def _module_index(model):
 @dataclass
 class ForwardTrace:
     """What one forward pass showed: modules in the order they first finish (a container after its
-    children), call counts, conv/linear MACs, and which modules returned the model's output."""
+    children), call counts, conv/linear MACs, which modules returned the model's output, and for each
+    module that returned a tensor, the outermost module that returned the same tensor (a block and
+    its last layer end at the same place)."""
     order: list = field(default_factory=list)
     calls: Counter = field(default_factory=Counter)
     macs: Counter = field(default_factory=Counter)
     returns_output: set = field(default_factory=set)
+    outermost: dict = field(default_factory=dict)
 
 
 def trace_forward(model, example_input):
@@ -119,49 +122,83 @@ def trace_forward(model, example_input):
         for h in handles:
             h.remove()
     trace.returns_output = {n for n, out in outputs.items() if out is model_output}
+    same_tensor = {}
+    for name in trace.order:  # the outermost module finishes last
+        if torch.is_tensor(outputs[name]):
+            same_tensor.setdefault(id(outputs[name]), []).append(name)
+    trace.outermost = {name: names[-1] for names in same_tensor.values() for name in names}
     return trace
 
 
-def balanced_boundaries(model, num_sections, example_input):
-    """Choose ``num_sections - 1`` boundaries among the top-level children of ``model``, so that the
-    most expensive section (conv/linear MACs) is as cheap as possible. A child can end a section
-    only if the next child holds a conv or linear layer (cuts fall after ReLUs and poolings) and a
-    cut there is valid (``validate_boundaries``: it runs once, no skip connection crosses it)."""
-    if not isinstance(num_sections, int) or num_sections < 1:
-        raise ValueError(f"num_sections must be an integer >= 1, got {num_sections!r}")
-    if num_sections == 1:
-        return []
+def section_cuts(model, example_input):
+    """Where ``model`` can be cut, at any depth: ``OrderedDict`` module name -> conv/linear MACs of the
+    network up to and including it, in forward order, and the network's total MACs. A module can end
+    a section if the next layer to run holds weights (so cuts fall after activations and poolings),
+    it runs once and returns a tensor, no skip connection crosses it (``validate_boundaries``), and
+    no module around it returns the same tensor (of a block and its last layer, the block is named)."""
     trace = trace_forward(model, example_input)
-    children = OrderedDict(_unwrap(model).named_children())
-    ordered = [n for n in trace.order if n in children]
+    modules = _module_index(model)
+    leaves = [n for n in trace.order if not any(True for _ in modules[n].children())]
+    position = {name: i for i, name in enumerate(trace.order)}
 
-    def cost(child):
-        return sum(m for n, m in trace.macs.items() if n == child or n.startswith(child + "."))
+    def next_leaf_has_weights(name):
+        later = next((leaf for leaf in leaves if position[leaf] > position[name]), None)
+        return later is not None and isinstance(modules[later], (nn.Conv2d, nn.Linear))
 
-    def has_weights(child):
-        return any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in children[child].modules())
-
-    def valid_cut(child):
+    def valid_cut(name):
         try:
-            validate_boundaries(model, [child], example_input)
+            validate_boundaries(model, [name], example_input)
             return True
         except Exception:  # not only the checks' ValueError: a cut the model cannot take (a tuple output...)
             return False
 
-    candidates = [i for i in range(len(ordered) - 1) if has_weights(ordered[i + 1]) and valid_cut(ordered[i])]
-    if num_sections - 1 > len(candidates):
-        raise ValueError(f"cannot cut {type(model).__name__} into {num_sections} sections: its top-level blocks "
-                         f"allow at most {len(candidates) + 1} ({', '.join(ordered[i] for i in candidates)} can end "
-                         f"a section); lower num_sections or list boundaries by name")
-    prefix = list(itertools.accumulate(cost(c) for c in ordered))
+    total = sum(trace.macs.values())
+    cuts = OrderedDict()
+    for name in trace.order:
+        if trace.outermost.get(name) == name and next_leaf_has_weights(name) and valid_cut(name):
+            cuts[name] = sum(macs for n, macs in trace.macs.items() if position[n] <= position[name])
+    return cuts, total
 
-    def section_costs(cuts):
-        ends = [prefix[i] for i in cuts] + [prefix[-1]]
-        return [b - a for a, b in zip([0] + ends[:-1], ends)]
 
-    best = min(itertools.combinations(candidates, num_sections - 1),
-               key=lambda cuts: (max(section_costs(cuts)), sum(c * c for c in section_costs(cuts))))
-    return validate_boundaries(model, [ordered[i] for i in best], example_input) if best else []
+def _fewest_max_then_squares(prefix, total, k):
+    """Indices of ``k`` of the increasing cut costs ``prefix`` splitting [0, total] so that the largest
+    part is as small as possible, then the sum of squared parts; None if there are fewer than k."""
+    if k > len(prefix):
+        return None
+    points = [0] + list(prefix)
+
+    def best(score, combine, allowed=lambda part: True):
+        # table[j][i]: best score of j cuts, the last at points[i] (i >= 1); built left to right
+        table = [{0: (0, ())}] + [{} for _ in range(k)]
+        for j in range(1, k + 1):
+            for i in range(1, len(points)):
+                options = [(combine(sc, points[i] - points[h]), cuts + (i - 1,)) for h, (sc, cuts) in table[j - 1].items()
+                           if h < i and allowed(points[i] - points[h])]
+                if options:
+                    table[j][i] = min(options)
+        finals = [(combine(sc, total - points[i]), cuts) for i, (sc, cuts) in table[k].items()
+                  if allowed(total - points[i])]
+        return min(finals) if finals else None
+
+    largest, _ = best(0, max)
+    return list(best(0, lambda sc, part: sc + part * part, allowed=lambda part: part <= largest)[1])
+
+
+def balanced_boundaries(model, num_sections, example_input):
+    """Choose ``num_sections - 1`` of ``section_cuts`` (at any depth) so that the most expensive section
+    (conv/linear MACs) is as cheap as possible, then the costs as even as possible."""
+    if not isinstance(num_sections, int) or num_sections < 1:
+        raise ValueError(f"num_sections must be an integer >= 1, got {num_sections!r}")
+    if num_sections == 1:
+        return []
+    cuts, total = section_cuts(model, example_input)
+    chosen = _fewest_max_then_squares(list(cuts.values()), total, num_sections - 1)
+    if chosen is None:
+        raise ValueError(f"cannot cut {type(model).__name__} into {num_sections} sections: it has {len(cuts)} valid "
+                         f"cuts ({', '.join(cuts)}), so at most {len(cuts) + 1} sections; lower num_sections or "
+                         f"list boundaries by name")
+    names = list(cuts)
+    return validate_boundaries(model, [names[i] for i in chosen], example_input)
 
 
 def validate_boundaries(model, boundaries, example_input):

@@ -14,7 +14,6 @@ Finished runs are reused.
 """
 import argparse
 import csv
-import math
 import shlex
 import statistics
 import sys
@@ -29,10 +28,11 @@ from .reproduce import NETWORKS, _pairs, _resolve
 from .runs import portable_paths, run_compress_classifier, with_pythonpath
 from .schedules import schedules_dir
 
-# network -> the study's sizes (None: the full training part), epochs, images per epoch, training-part size
+# network -> the study's sizes (None: the full training part), epochs, images per epoch, batch size,
+# training-part size
 STUDY = {
-    "simplenet_mnist": dict(sizes=(60, 300, 1000, None), epochs=6, images_per_epoch=6400, train_part=54000),
-    "resnet20_cifar": dict(sizes=(512, 2048, 8192, None), epochs=10, images_per_epoch=4096, train_part=45000),
+    "simplenet_mnist": dict(sizes=(60, 300, 1000, None), epochs=6, images_per_epoch=6400, batch=128, train_part=54000),
+    "resnet20_cifar": dict(sizes=(512, 2048, 8192, None), epochs=10, images_per_epoch=2048, batch=64, train_part=45000),
 }
 # arm -> (schedule suffix, what it is, whether it reads labels)
 ARMS = {
@@ -59,10 +59,12 @@ class Run:
 
 
 def plan(args):
-    """Seed by seed (so that a partial study covers every N), network by network, N by N, arm by arm;
-    sizes above ``--many-seeds-up-to`` get the first seed only."""
-    return [Run(arch, size, arm, seed) for seed in args.seeds for arch in args.networks
-            for size in STUDY[arch]["sizes"] if seed == args.seeds[0] or (size and size <= args.many_seeds_up_to)
+    """The sizes up to ``--many-seeds-up-to`` first, seed by seed (so that a partial study has every arm
+    of them), then the larger sizes, which get the first seed only."""
+    def few(size):
+        return size is not None and size <= args.many_seeds_up_to
+    return [Run(arch, size, arm, seed) for small in (True, False) for seed in args.seeds for arch in args.networks
+            for size in STUDY[arch]["sizes"] if few(size) == small and (small or seed == args.seeds[0])
             for arm in args.arms]
 
 
@@ -82,7 +84,7 @@ def command(args, run):
     data, train_size = data_options(args, run)
     teacher = _resolve(args.teacher.get(run.arch) or Path("../shared/teachers") / f"{run.arch}_fp.pth.tar",
                        args.places)
-    return [sys.executable, args.script, "--arch", run.arch, data, "--cpu", "-j", "0", "-b", args.batch_size,
+    return [sys.executable, args.script, "--arch", run.arch, data, "--cpu", "-j", "0", "-b", str(study["batch"]),
             "--lr", args.lr, "--momentum", "0.9", "--wd", "0", "--epochs", str(study["epochs"]), "--vs", "0.1",
             "--effective-valid-size", args.valid_size, "--seed", str(run.seed), "--effective-train-size", train_size,
             "--compress", args.schedules / f"{run.arch}_{ARMS[run.arm][0]}.yaml", "--exp-load-weights-from", teacher,
@@ -107,11 +109,11 @@ def write_results(args, runs, results):
              f"(%, the whole test set, after the last epoch), mean ± std over seeds "
              f"{', '.join(map(str, args.seeds))} for N <= {args.many_seeds_up_to}, seed {args.seeds[0]} above; "
              f"the seed draws the N images too. Every run: Distiller's unmodified compress_classifier.py from "
-             f"the same FP teacher, SGD lr {args.lr} momentum 0.9, batch {args.batch_size}, binary weights x one "
+             f"the same FP teacher, SGD lr {args.lr} momentum 0.9, binary weights x one "
              f"scale per layer, FP activations.", "",
              "Budget, equal across arms and sizes: " + "; ".join(
-                 f"{arch}: {STUDY[arch]['epochs']} epochs of {STUDY[arch]['images_per_epoch']} images "
-                 f"({STUDY[arch]['epochs'] * math.ceil(STUDY[arch]['images_per_epoch'] / int(args.batch_size))} "
+                 f"{arch}: {STUDY[arch]['epochs']} epochs of {STUDY[arch]['images_per_epoch']} images in batches of "
+                 f"{STUDY[arch]['batch']} ({STUDY[arch]['epochs'] * STUDY[arch]['images_per_epoch'] // STUDY[arch]['batch']} "
                  f"steps; N above that: one pass per epoch)" for arch in args.networks)
              + ". A subset of N images is seen about images-per-epoch / N times per epoch.", "",
              f"Machine: {torch.__version__} on CPU, OMP_NUM_THREADS=1, {args.jobs} run(s) at a time; CIFAR-10 is the "
@@ -185,7 +187,6 @@ def main(argv=None):
     parser.add_argument("--many-seeds-up-to", type=int, default=2048,
                         help="sizes above this get the first seed only (default 2048)")
     parser.add_argument("--lr", default="0.01")
-    parser.add_argument("--batch-size", default="128")
     parser.add_argument("--valid-size", default="0.1", help="--effective-valid-size of every run (validation is "
                                                             "only logged; the test set decides)")
     parser.add_argument("--data", nargs="*", help="NETWORK=PATH: data directory (default: ../shared/data/...)")
