@@ -35,12 +35,12 @@ def compress_classifier_script():
     return script
 
 
-def run_compress_classifier(out_dir, *args, train_size="0.02", env=None, data_dir=MNIST_DIR):
+def run_compress_classifier(out_dir, *args, train_size="0.02", env=None, data_dir=MNIST_DIR, arch="simplenet_mnist"):
     """Run Distiller's unmodified compress_classifier.py on a slice of MNIST (or ``data_dir``, e.g. a
-    subset directory of it); return (returncode, log)."""
+    subset directory of it); ``args`` come last (so they override the defaults); return (returncode, log)."""
     if not (MNIST_DIR / "MNIST" / "raw").is_dir():
         unavailable(f"MNIST is missing from {MNIST_DIR}")
-    cmd = [sys.executable, str(compress_classifier_script()), "--arch", "simplenet_mnist", str(data_dir), "--cpu",
+    cmd = [sys.executable, str(compress_classifier_script()), "--arch", arch, str(data_dir), "--cpu",
            "-j", "0", "-b", "64", "--lr", "0.01", "--momentum", "0.9", "--wd", "0", "--vs", "0.1", "--seed", "0",
            "--effective-train-size", train_size, "--effective-valid-size", "0.05", "--effective-test-size", "0.02",
            "--out-dir", str(out_dir), "--print-freq", "5", *map(str, args)]

@@ -408,16 +408,18 @@ def test_every_network_schedule_trains_a_few_minibatches_in_distillers_loop(sche
     monkeypatch.syspath_prepend(str(compress_classifier_script().parent))  # image_classifier imports its parser.py
     import distiller.apputils.image_classifier as classifier
     from distiller.data_loggers import NullLogger
-    arch = next(a for a in ("resnet20_cifar", "vgg11_bn_cifar", "svhn_dorefa") if schedule.startswith(a))
+    datasets = {"resnet20_cifar": "cifar10", "vgg11_bn_cifar": "cifar10", "svhn_dorefa": "svhn",
+                "alexnet": "imagenet", "mobilenet": "imagenet", "resnet18": "imagenet"}
+    arch = next(a for a in datasets if schedule.startswith(a + "_"))
     args = classifier.ClassifierCompressor.mock_args()
-    args.arch, args.device, args.dataset = arch, "cpu", "svhn" if arch.startswith("svhn") else "cifar10"
+    args.arch, args.device, args.dataset = arch, "cpu", datasets[arch]
     torch.manual_seed(0)
     model = create_model(False, args.dataset, arch, parallel=False, device_ids=-1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     scheduler = distiller.file_config(model, optimizer, str(SCHEDULES / schedule))
-    shape = model.input_shape[1:]
-    data = torch.utils.data.TensorDataset(torch.randn(16, *shape), torch.randint(0, 10, (16,)))
-    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    shape, classes = model.input_shape[1:], 1000 if datasets[arch] == "imagenet" else 10
+    data = torch.utils.data.TensorDataset(torch.randn(4, *shape), torch.randint(0, classes, (4,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=2)
     scheduler.on_epoch_begin(0)
     top1, _, overall_loss = classifier.train(loader, model, torch.nn.CrossEntropyLoss(), optimizer, 0, scheduler,
                                              [NullLogger()], args)
@@ -425,6 +427,30 @@ def test_every_network_schedule_trains_a_few_minibatches_in_distillers_loop(sche
     assert np.isfinite(overall_loss.mean) and overall_loss.n == 2  # two minibatches
     quantized = [m for m in model.modules() if hasattr(m, "float_weight")]
     assert quantized and all(m.weight.abs().unique().numel() <= 2 for m in quantized)  # {a} or {0, a}
+
+
+def tiny_imagenet(root, classes=3, per_class=2):
+    """An ImageNet-layout folder (train/ and val/ class folders of 224x224 JPEGs) made here."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.JPEG")
+    return root
+
+
+@pytest.mark.parametrize("arch", ["alexnet", "mobilenet", "resnet18"])
+def test_the_imagenet_dcq_schedules_train_through_compress_classifier_on_an_imagenet_folder(tmp_path, arch):
+    data = tiny_imagenet(tmp_path / "imagenet")
+    rc, log = run_compress_classifier(tmp_path / "run", "--epochs", "1", "--compress", SCHEDULES / f"{arch}_dcq_binary.yaml",
+                                      "-b", "3", "--vs", "0", "--effective-test-size", "1.0", train_size="1.0",
+                                      data_dir=data, arch=arch)
+    assert rc == 0, log[-3000:]
+    assert "4 sections ending at" in log and "training=6\n" in log and "--- test ---" in log, log[-3000:]
 
 
 # --- kernel diagnostics ----------------------------------------------------------------------------

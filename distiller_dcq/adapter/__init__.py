@@ -5,8 +5,9 @@ The only package that imports Distiller; ``distiller_dcq.engine`` never does.
 import sys
 
 from .._hooks import when_imported
-from .compat import (patch_checkpoint_loading, patch_class_name_errors, patch_criterion_loss, patch_pandas_precision,
-                     patch_policy_windows, patch_quantizer_prepare, patch_resumed_lr, patch_scheduler_state)
+from .compat import (patch_checkpoint_loading, patch_class_name_errors, patch_criterion_loss, patch_imagenet_resnets,
+                     patch_pandas_precision, patch_policy_windows, patch_quantizer_prepare, patch_resumed_lr,
+                     patch_scheduler_state)
 from .datasets import patch_cifar10_image_folders, patch_subset_dirs, register_svhn
 from .policy import SectionalKDPolicy
 from .quantizer import DCQQuantizer
@@ -20,12 +21,14 @@ def register(distiller):
     import distiller.apputils.data_loaders as data_loaders
     import distiller.config as config
     import distiller.model_summaries as model_summaries
+    import distiller.models.imagenet.resnet as imagenet_resnets
     import distiller.quantization.quantizer as quantizer_module
     if getattr(config, SectionalKDPolicy.__name__, None) is SectionalKDPolicy:
         return
     for cls in YAML_CLASSES:
         setattr(config, cls.__name__, cls)
     patch_pandas_precision(model_summaries)
+    patch_imagenet_resnets(imagenet_resnets)
     patch_checkpoint_loading(checkpoint_module, distiller.apputils)
     patch_quantizer_prepare(quantizer_module)
     patch_resumed_lr(config, distiller.LRPolicy)

@@ -69,6 +69,21 @@ class _PandasWithPrecisionAlias:
         return getattr(self._pandas, name)
 
 
+def patch_imagenet_resnets(resnet_module):
+    """Distiller's ImageNet ResNets (``distiller.models.imagenet.resnet``) call torchvision's private
+    ``_resnet(arch, block, layers, pretrained, progress)``, whose signature torchvision 0.13 changed to
+    ``_resnet(block, layers, weights, progress)``; give that module one that translates
+    (``pretrained`` -> the ImageNet-1k V1 weights that ``pretrained=True`` always meant)."""
+    from torchvision.models import get_model_weights, resnet as torchvision_resnet
+    if "weights" not in inspect.signature(torchvision_resnet._resnet).parameters:
+        return
+
+    def _resnet(arch, block, layers, pretrained, progress, **kwargs):
+        weights = get_model_weights(arch).IMAGENET1K_V1 if pretrained else None
+        return torchvision_resnet._resnet(block, layers, weights, progress, **kwargs)
+    resnet_module._resnet = _resnet
+
+
 def patch_pandas_precision(model_summaries):
     """``distiller.model_summaries`` calls ``pd.set_option('precision', n)`` after every epoch,
     which pandas >= 1.3 rejects; give that module a pandas that accepts it."""
