@@ -443,7 +443,7 @@ def tiny_imagenet(root, classes=3, per_class=2):
     return root
 
 
-@pytest.mark.parametrize("arch", ["alexnet", "mobilenet", "resnet18"])
+@pytest.mark.parametrize("arch", ["mobilenet", "resnet18"])  # AlexNet's 61M weights: checkpoints too slow for the suite
 def test_the_imagenet_dcq_schedules_train_through_compress_classifier_on_an_imagenet_folder(tmp_path, arch):
     data = tiny_imagenet(tmp_path / "imagenet")
     rc, log = run_compress_classifier(tmp_path / "run", "--epochs", "1", "--compress", SCHEDULES / f"{arch}_dcq_binary.yaml",

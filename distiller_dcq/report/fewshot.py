@@ -14,6 +14,7 @@ Finished runs are reused.
 """
 import argparse
 import csv
+import json
 import shlex
 import statistics
 import sys
@@ -91,6 +92,13 @@ def command(args, run):
             "--out-dir", args.out / "runs" / run.name, "--name", run.name]
 
 
+def finished_result(args, run, cmd):
+    """The result a finished run of exactly ``cmd`` left in ``--out``, else None."""
+    path = args.out / "runs" / run.name / "result.json"
+    result = json.loads(path.read_text()) if path.exists() else None
+    return result if result and result["cmd"] == [str(c) for c in cmd] else None
+
+
 def _top1s(runs, results):
     return [results[r.name]["test_top1"] for r in runs if results.get(r.name, {}).get("test_top1") is not None]
 
@@ -105,7 +113,8 @@ def _cell(values, expected):
 def write_results(args, runs, results):
     import torch
     lines = ["# Few-shot and label-free binary-weight quantization: DCQ against QAT and KD", "",
-             f"Made by `python -m distiller_dcq.report.fewshot {shlex.join(args.argv)}` (commands below). Test top-1 "
+             f"Made by `python -m distiller_dcq.report.fewshot {shlex.join(a for a in args.argv if a != '--report-only')}` "
+             f"(commands below; `--report-only` rewrites this report from the finished runs). Test top-1 "
              f"(%, the whole test set, after the last epoch), mean ± std over seeds "
              f"{', '.join(map(str, args.seeds))} for N <= {args.many_seeds_up_to}, seed {args.seeds[0]} above; "
              f"the seed draws the N images too. Every run: Distiller's unmodified compress_classifier.py from "
@@ -194,6 +203,8 @@ def main(argv=None):
     parser.add_argument("--schedules", type=Path, help="a schedules directory (default: distiller-dcq's own)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each takes one core: OMP_NUM_THREADS=1)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write the report from the runs --out already has (a study under way)")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     args.places = {str(Path.cwd()): ""}
@@ -217,6 +228,9 @@ def main(argv=None):
             print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
     commands = {run: command(args, run) for run in runs}  # makes the subset directories, before any run
+    if args.report_only:
+        results.update((run.name, result) for run in runs if (result := finished_result(args, run, commands[run])))
+        print(f"{len(results)} of {len(runs)} runs finished")
 
     def execute(run):
         result = run_compress_classifier(commands[run], args.out / "runs" / run.name, run.name, env=env, log=say)
@@ -230,7 +244,7 @@ def main(argv=None):
                 write_results(args, runs, results)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(execute, runs))
+        list(pool.map(execute, [] if args.report_only else runs))
     write_results(args, runs, results)
     plot(args, runs, results)
     print(f"wrote {args.out / 'results.md'}, results.csv and the plots")
