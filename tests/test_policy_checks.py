@@ -183,3 +183,18 @@ def test_recalibrate_bn_must_be_a_number_of_batches(tmp_path):
     text = QUANTIZER.replace("LABEL_WEIGHT", "0").replace("label_weight: 0", "recalibrate_bn: -1") + QUANTIZER_POLICY
     with pytest.raises(ValueError, match=r"recalibrate_bn is a number of training batches \(an integer >= 0\), got -1"):
         scheduler_from(tmp_path, text)
+
+
+def test_with_quantized_activations_the_teachers_section_activations_are_clipped_to_their_range(tmp_path, caplog):
+    import logging
+    text = QUANTIZER.replace("LABEL_WEIGHT", "0").replace("weight_mode: binary", "weight_mode: binary, bits_activations: 2") \
+        + QUANTIZER_POLICY + DCQ_WINDOW
+    model, scheduler = scheduler_from(tmp_path, text)
+    seen = {}
+    model.conv2.register_forward_pre_hook(lambda m, i: seen.__setitem__("conv2_in", i[0]))
+    with caplog.at_level(logging.INFO):
+        scheduler.on_epoch_begin(0)
+    assert "the quantized activations lie in [0, 1]" in caplog.text
+    model.train()(torch.randn(4, 1, 28, 28) * 10)
+    assert 0 <= seen["conv2_in"].min() and seen["conv2_in"].max() <= 1  # the teacher's pool1, clipped, handed on
+    assert len(seen["conv2_in"].unique()) > 4  # not quantized: the teacher's activations, only clipped

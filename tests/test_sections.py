@@ -223,6 +223,23 @@ def test_mixed_inputs_draw_each_element_from_teacher_or_student_anew_at_every_fo
     assert not torch.equal(draws[0], draws[1])
 
 
+def test_target_clip_clamps_the_teachers_section_activations_as_targets_and_as_inputs():
+    student, teacher = make_pair()
+    seen = {}
+    teacher.relu3.register_forward_hook(lambda m, i, o: seen.__setitem__("teacher", o))
+    student.relu3.register_forward_hook(lambda m, i, o: seen.__setitem__("student", o))
+    student.fc2.register_forward_pre_hook(lambda m, i: seen.__setitem__("fc2_in", i[0]))
+    wiring = SectionWiring(student, teacher, ["pool1", "relu3"], example_input=X, loss="mse", target_clip=0.5).split()
+    student.train()(torch.randn(8, 1, 28, 28) * 4)
+    clipped = seen["teacher"].clamp(0, 0.5)
+    assert seen["teacher"].max() > 0.5  # the teacher's own forward stays FP
+    assert torch.equal(seen["fc2_in"], clipped)
+    expected = torch.nn.functional.mse_loss(seen["student"], clipped)
+    assert torch.allclose(wiring.section_losses()["relu3"], expected)
+    with pytest.raises(ValueError, match=r"target_clip must be > 0"):
+        SectionWiring(student, teacher, ["pool1"], example_input=X, target_clip=0)
+
+
 def test_frozen_sections_get_no_update_at_all_momentum_and_weight_decay_included():
     student, teacher = make_pair()
     wiring = SectionWiring(student, teacher, ["pool1", "relu3"], example_input=X, section_inputs="student").split()

@@ -6,6 +6,7 @@ import logging
 import distiller.models
 import torch
 from distiller.policy import LossComponent, PolicyLoss, ScheduledTrainingPolicy
+from distiller.quantization.clipped_linear import ClippedLinearQuantization
 from distiller.quantization.quantizer import FP_BKP_PREFIX
 
 from ..engine.sections import SectionWiring, recalibrate_batchnorm
@@ -95,9 +96,13 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
                 raise ValueError(f"DCQ policy {self.name!r} found no quantized weights on the model: declare a "
                                  f"quantizer under quantizers: (class: DCQQuantizer) and schedule it under policies: "
                                  f"from the first epoch of the DCQ window")
+            self.wiring.target_clip = _activation_clip(model)
             self.wiring.split()
             msglogger.info("DCQ %s: split into %d sections for epochs %d-%d", self.name,
                            len(self.wiring.section_names), meta["starting_epoch"], meta["ending_epoch"] - 1)
+            if self.wiring.target_clip is not None:
+                msglogger.info("DCQ %s: the quantized activations lie in [0, %g], and so do the teacher's activations "
+                               "the sections learn and start from", self.name, self.wiring.target_clip)
         if self.section_epochs is not None:
             section = self._sequential_section(meta)
             self.wiring.train_sections([section])
@@ -156,6 +161,16 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
         top1 = kwargs.get("metrics", {}).get("max")
         msglogger.info("DCQ %s: merged the %d sections into one network; stitched network validation Top1: %s",
                        self.name, len(self.wiring.section_names), "n/a" if top1 is None else f"{top1:.3f}")
+
+
+def _activation_clip(model):
+    """Where Distiller's DoReFa quantizes activations (each ReLU replaced by a
+    ``ClippedLinearQuantization`` to [0, clip_val]), the top of that range; else None."""
+    clips = {float(m.clip_val) for m in model.modules() if isinstance(m, ClippedLinearQuantization)}
+    if len(clips) > 1:
+        raise ValueError(f"the model's quantized activations are clipped at different values {sorted(clips)}: DCQ "
+                         f"clips the teacher's section activations to one range; use one clip value")
+    return clips.pop() if clips else None
 
 
 def _is_quantized(model):

@@ -315,13 +315,17 @@ class SectionWiring:
             Wei et al., ICLR 2022).
         keep_inputs: keep the last this many training batches (in CPU memory), for
             ``merge(recalibrate=True)``.
+        target_clip: clamp the teacher's activation at every boundary (not its output) to
+            [0, target_clip], as target and as the next section's input: for students whose
+            activations are clipped (DoReFa's quantized ReLU: [0, 1]), so that a section is asked for
+            what it can represent. Exact for boundaries after activations and max-poolings.
 
     Use: ``split()``; then every training forward ``student(x)`` followed by ``section_losses()``
     gives one loss per trained section; ``merge()`` at the end.
     """
 
     def __init__(self, student, teacher, boundaries=None, *, num_sections=None, example_input,
-                 loss="poisson", temperature=1.0, section_inputs="teacher", keep_inputs=0):
+                 loss="poisson", temperature=1.0, section_inputs="teacher", keep_inputs=0, target_clip=None):
         if boundaries is not None and num_sections is not None:
             raise ValueError("give either boundaries (module names) or num_sections, not both")
         if boundaries is None and num_sections is None:
@@ -331,6 +335,9 @@ class SectionWiring:
         if section_inputs not in SECTION_INPUTS:
             raise ValueError(f"unknown section_inputs {section_inputs!r}; choose one of: {', '.join(SECTION_INPUTS)}")
         self.section_inputs = section_inputs
+        if target_clip is not None and not target_clip > 0:
+            raise ValueError(f"target_clip must be > 0 (the top of the student's activation range), got {target_clip}")
+        self.target_clip = target_clip
         self.loss_fn = get_loss(loss)
         self.loss_name, self.temperature = loss, temperature
         if num_sections is not None:
@@ -468,7 +475,7 @@ class SectionWiring:
 
     def _keep_teacher(self, name):
         def hook(module, inputs, output):
-            self._teacher_out[name] = output
+            self._teacher_out[name] = output if self.target_clip is None else output.clamp(0, self.target_clip)
             return output.clone()  # the teacher's next layer may work in place
         return hook
 
