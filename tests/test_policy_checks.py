@@ -125,20 +125,6 @@ def test_dorefa_weight_mode_is_distillers_formula_by_default():
         assert torch.allclose(getattr(results[0], layer).weight, getattr(results[1], layer).weight)
 
 
-QUANTIZER_WINDOW = """
-  - quantizer: {instance_name: q}
-    starting_epoch: 0
-    ending_epoch: 3
-    frequency: 1
-"""
-RECALIBRATED_WINDOW = """
-  - extension: {instance_name: dcq}
-    starting_epoch: 0
-    ending_epoch: 2
-    frequency: 1
-"""
-
-
 @pytest.mark.parametrize("dcq_listed_first", [False, True])
 def test_recalibrate_bn_re_estimates_the_stitched_statistics_with_the_last_steps_weights_before_validation(
         tmp_path, monkeypatch, caplog, dcq_listed_first):
@@ -148,7 +134,7 @@ def test_recalibrate_bn_re_estimates_the_stitched_statistics_with_the_last_steps
     monkeypatch.syspath_prepend(str(compress_classifier_script().parent))  # image_classifier imports its parser.py
     import distiller.apputils.image_classifier as classifier
     from distiller.data_loggers import NullLogger
-    windows = [RECALIBRATED_WINDOW, QUANTIZER_WINDOW] if dcq_listed_first else [QUANTIZER_WINDOW, RECALIBRATED_WINDOW]
+    windows = [DCQ_WINDOW, QUANTIZER_POLICY] if dcq_listed_first else [QUANTIZER_POLICY, DCQ_WINDOW]
     text = """
 quantizers:
   q: {class: DCQQuantizer, weight_mode: binary}

@@ -246,3 +246,35 @@ def test_reproduce_trains_the_teacher_first_when_asked_runs_dorefa_from_scratch_
     assert failing.returncode != 0
     assert "2 run(s) failed: simplenet_mnist_dcq_binary_kd, simplenet_mnist_dcq_binary_kd_seed1" in failing.stderr
     assert "| simplenet_mnist_dcq_binary_kd | failed |" in (out / "results.md").read_text()
+
+
+def test_the_fewshot_study_trains_each_arm_on_fixed_subsets_with_equal_steps_and_reports_mean_and_std(
+        tmp_path, distiller_src, monkeypatch, capsys):
+    from distiller_dcq.report import fewshot
+    # a two-minute version of the LeNet study: N = 60 (two seeds) and all, one epoch of 120 images
+    monkeypatch.setitem(fewshot.STUDY, "simplenet_mnist", dict(sizes=(60, None), epochs=1, images_per_epoch=120,
+                                                               batch=60, train_part=54000))
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "study"
+    args = ["--distiller-src", str(distiller_src), "--networks", "simplenet_mnist", "--arms", "dcq_ce",
+            "--seeds", "0", "1", "--many-seeds-up-to", "100", "--valid-size", "0.05",
+            "--data", f"simplenet_mnist={MNIST_DIR}", "--teacher", f"simplenet_mnist={LENET_TEACHER}", "--out", str(out)]
+    fewshot.main(args)
+    rows = {row["run"]: row for row in csv.DictReader(open(out / "results.csv"))}
+    assert set(rows) == {"simplenet_mnist_n60_dcq_ce", "simplenet_mnist_n60_dcq_ce_seed1",
+                         "simplenet_mnist_nfull_dcq_ce"}
+    assert json.loads((out / "data" / "simplenet_mnist_n60_seed1" / "subset.json").read_text())["repeat"] == 2
+    n60 = [float(rows[name]["test_top1"]) for name in ("simplenet_mnist_n60_dcq_ce",
+                                                        "simplenet_mnist_n60_dcq_ce_seed1")]
+    import statistics
+    table = (out / "results.md").read_text()
+    full = float(rows["simplenet_mnist_nfull_dcq_ce"]["test_top1"])
+    assert (f"| dcq_ce | {statistics.mean(n60):.2f} ± {statistics.stdev(n60):.2f} | {full:.2f} |") in table
+    for name in rows:  # every run: 2 steps (120 images, batches of 60)
+        log = next((out / "runs" / name).glob(f"{name}___*/{name}___*.log")).read_text()
+        assert "Training epoch: 120 samples (60 per mini-batch)" in log, name
+    assert "--effective-train-size 0.00223148" in table and sys.executable not in table
+    assert (out / "fewshot_simplenet_mnist.png").stat().st_size > 5000
+    capsys.readouterr()
+    fewshot.main(args + ["--report-only"])
+    assert "3 of 3 runs finished" in capsys.readouterr().out and (out / "results.md").read_text() == table

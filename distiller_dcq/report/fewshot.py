@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..subsets import write_subset_dir
 from .reproduce import NETWORKS, _pairs, _resolve
-from .runs import portable_paths, run_compress_classifier, with_pythonpath
+from .runs import exit_if_any_failed, portable_paths, run_compress_classifier, with_pythonpath
 from .schedules import schedules_dir
 
 # network -> the study's sizes (None: the full training part), epochs, images per epoch, batch size,
@@ -73,7 +73,8 @@ def data_options(args, run):
     """The dataset directory (a subset directory made here) and --effective-train-size of ``run``."""
     study, source = STUDY[run.arch], _resolve(args.data.get(run.arch) or NETWORKS[run.arch]["data"], args.places)
     if run.size is None:
-        return source, f"{study['images_per_epoch'] / study['train_part']:.6f}"
+        # Distiller takes int(size x fraction) images: half an image more keeps the rounding from losing one
+        return source, f"{(study['images_per_epoch'] + 0.5) / study['train_part']:.8f}"
     repeat = max(1, round(study["images_per_epoch"] / run.size))
     subset = args.out / "data" / f"{run.arch}_n{run.size}_seed{run.seed}"
     write_subset_dir(str(source), run.size, run.seed, str(subset), repeat)
@@ -248,9 +249,7 @@ def main(argv=None):
     write_results(args, runs, results)
     plot(args, runs, results)
     print(f"wrote {args.out / 'results.md'}, results.csv and the plots")
-    failed = [name for name, result in results.items() if "failed" in result]
-    if failed:
-        raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)} (their stderr.txt under {args.out / 'runs'})")
+    exit_if_any_failed(results, args.out / "runs")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .runs import Progress, portable_paths, run_compress_classifier, with_pythonpath
+from .runs import Progress, exit_if_any_failed, portable_paths, run_compress_classifier, with_pythonpath
 from .schedules import schedules_dir, variant_schedule
 
 SHARED = Path("../shared")  # default data and teachers, from the directory the reproduction runs in
@@ -379,9 +379,7 @@ def main(argv=None):
     write_results(args, runs, results)
     plot(args, results)
     print(f"wrote {args.out / 'results.md'}, results.csv and the plots")
-    failed = [name for name, result in results.items() if "failed" in result]
-    if failed:
-        raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)} (their stderr.txt under {args.out / 'runs'})")
+    exit_if_any_failed(results, args.out / "runs")
 
 
 if __name__ == "__main__":

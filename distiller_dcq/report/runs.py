@@ -111,6 +111,13 @@ def run_compress_classifier(cmd, out_dir, name, rerun=False, log=print, env=None
     return result
 
 
+def exit_if_any_failed(results, runs_dir):
+    """Stop with a message naming the runs of ``results`` (name -> result) that failed, if any."""
+    failed = [name for name, result in results.items() if "failed" in result]
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)} (their stderr.txt under {runs_dir})")
+
+
 class Progress:
     """Says how far a series of runs has got: runs done of the total, the run in flight and its epoch,
     and the time left, estimated from the epochs trained so far (reused runs train none)."""
