@@ -15,7 +15,6 @@ sequential mode.
 Eval-mode forwards are left alone: validating the student always measures the stitched network.
 ``merge()`` removes the hooks, unfreezes, and leaves one ordinary network.
 """
-import itertools
 import warnings
 import weakref
 from collections import Counter, OrderedDict, deque
@@ -167,7 +166,7 @@ def _fewest_max_then_squares(prefix, total, k):
         return None
     points = [0] + list(prefix)
 
-    def best(score, combine, allowed=lambda part: True):
+    def best(combine, allowed=lambda part: True):
         # table[j][i]: best score of j cuts, the last at points[i] (i >= 1); built left to right
         table = [{0: (0, ())}] + [{} for _ in range(k)]
         for j in range(1, k + 1):
@@ -180,8 +179,8 @@ def _fewest_max_then_squares(prefix, total, k):
                   if allowed(total - points[i])]
         return min(finals) if finals else None
 
-    largest, _ = best(0, max)
-    return list(best(0, lambda sc, part: sc + part * part, allowed=lambda part: part <= largest)[1])
+    largest, _ = best(max)
+    return list(best(lambda sc, part: sc + part * part, allowed=lambda part: part <= largest)[1])
 
 
 def balanced_boundaries(model, num_sections, example_input):
