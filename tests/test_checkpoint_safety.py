@@ -72,13 +72,13 @@ def test_a_checkpoint_whose_quantizer_metadata_names_a_file_reading_quantizer_ru
 
 
 class CraftedDtype:
-    """Unpickles as ``numpy.dtype(name)`` with the given saved state (NumPy trusts its flags and sizes)."""
+    """Unpickles as ``numpy.dtype(name, *flags)`` with the given saved state (NumPy trusts its flags and sizes)."""
 
-    def __init__(self, name, state):
-        self.name, self.state = name, state
+    def __init__(self, name, state, flags=(False, True)):
+        self.name, self.state, self.flags = name, state, flags
 
     def __reduce__(self):
-        return np.dtype, (self.name, False, True), self.state
+        return np.dtype, (self.name, *self.flags), self.state
 
 
 class NumpyScalarOf:
@@ -118,6 +118,9 @@ def test_numpy_numbers_saved_by_distiller_load_as_numpy_numbers(tmp_path):
     torch.save({"state_dict": {}, "extras": extras}, path)
     loaded = load_distiller_checkpoint(str(path))["extras"]
     assert {k: (type(v), v) for k, v in loaded.items()} == {k: (type(v), v) for k, v in extras.items()}
+    numpy1 = CraftedDtype("f8", (3, "<", None, None, None, -1, -1, 0), flags=(0, 1))  # how NumPy 1 pickled it
+    torch.save({"extras": {"best_top1": NumpyScalarOf(numpy1, np.float64(71.25).tobytes())}}, path)
+    assert load_distiller_checkpoint(str(path))["extras"]["best_top1"] == np.float64(71.25)
     with pytest.raises(ValueError, match="scalar from .* only a plain dtype and its bytes"):
         torch.save({"x": NumpyScalarOf(np.dtype("f8"), b"\0" * 4)}, path)  # 4 bytes for an 8-byte float
         load_distiller_checkpoint(str(path))
@@ -154,6 +157,15 @@ def test_a_thinned_checkpoint_loads(tmp_path):
     loaded, _, optimizer, _ = apputils.load_checkpoint(lenet(), str(tmp_path / "checkpoint.pth.tar"))
     assert loaded.fc2.weight.shape == (10, 250) and torch.equal(loaded.fc2.weight, model.fc2.weight)
     assert type(optimizer) is torch.optim.SGD
+
+
+def test_a_thinning_recipe_may_set_only_what_thinning_sets(tmp_path):
+    from distiller.thinning import ThinningRecipe
+    model = lenet()
+    model.thinning_recipes = [ThinningRecipe(modules={"fc2": {"forward": 3}}, parameters={})]  # setattr(fc2, ...)
+    apputils.save_checkpoint(1, "simplenet_mnist", model, dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"thinning recipe sets \['forward'\] on module 'fc2'; thinning only sets"):
+        apputils.load_checkpoint(lenet(), str(tmp_path / "checkpoint.pth.tar"))
 
 
 def test_every_quantization_aware_training_quantizer_is_rebuilt_from_its_checkpoint(tmp_path):

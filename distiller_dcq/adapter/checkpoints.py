@@ -62,7 +62,8 @@ class NumpyDtype:
     order (``.dtype`` is the real one)."""
 
     def __init__(self, name, align=False, copy=True):
-        if name not in PLAIN_NUMPY_DTYPES or align is not False:
+        # NumPy 2 pickles (name, False, True), NumPy 1 (name, 0, 1)
+        if type(name) is not str or name not in PLAIN_NUMPY_DTYPES or type(align) not in (bool, int) or align:
             raise pickle.UnpicklingError(f"the checkpoint builds NumPy dtype {name!r} (align={align!r}); only plain "
                                          f"numbers are accepted: {', '.join(PLAIN_NUMPY_DTYPES)}")
         self.dtype = np.dtype(name)
@@ -78,11 +79,16 @@ class NumpyDtype:
 
 def numpy_scalar(dtype, data):
     """What ``numpy...multiarray.scalar`` unpickles to: the number ``data`` holds, read as ``dtype``."""
-    if not (isinstance(dtype, NumpyDtype) and isinstance(data, bytes) and len(data) == dtype.dtype.itemsize):
+    if not (isinstance(dtype, NumpyDtype) and hasattr(dtype, "dtype") and isinstance(data, bytes)
+            and len(data) == dtype.dtype.itemsize):
         raise pickle.UnpicklingError(f"the checkpoint builds a NumPy scalar from {dtype!r} and {type(data).__name__}; "
                                      f"only a plain dtype and its bytes are accepted: refused")
     return np.frombuffer(data, dtype=dtype.dtype)[0]
 
+
+# what Distiller's thinning writes into a module (ThinningRecipe.modules); loading sets each one
+THINNING_ATTRIBUTES = ("in_channels", "out_channels", "groups", "in_features", "num_features", "running_mean",
+                       "running_var")
 
 _NUMPY_STAND_INS = [(NumpyDtype, "numpy.dtype"),
                     (numpy_scalar, "numpy._core.multiarray.scalar"),
@@ -126,7 +132,22 @@ def torch_load_distiller_checkpoint(torch_load, *args, **kwargs):
         metadata = checkpoint.get("quantizer_metadata")
         if metadata:
             metadata["type"] = _class_from(metadata.get("type"), quantizers, "quantizer_metadata['type']")
+        for recipe in checkpoint.get("thinning_recipes") or []:
+            _check_thinning_recipe(recipe)
     return checkpoint
+
+
+def _check_thinning_recipe(recipe):
+    """Distiller sets every attribute a recipe names on its module: only thinning's own are accepted."""
+    from distiller.thinning import ThinningRecipe
+    if type(recipe) is not ThinningRecipe or not isinstance(recipe.modules, dict):
+        raise ValueError(f"the checkpoint's thinning_recipes hold {type(recipe).__name__}, not ThinningRecipe")
+    for module, directives in recipe.modules.items():
+        other = [attr for attr in (directives if isinstance(directives, dict) else [None])
+                 if attr not in THINNING_ATTRIBUTES]
+        if other:
+            raise ValueError(f"the checkpoint's thinning recipe sets {other} on module {module!r}; thinning only "
+                             f"sets {', '.join(THINNING_ATTRIBUTES)}: refused")
 
 
 def _without_dataparallel(name):
