@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..subsets import write_subset_dir
-from .reproduce import NETWORKS, _pairs, _resolve
+from .reproduce import NETWORKS, _resolve, resolve_common_args
 from .runs import exit_if_any_failed, portable_paths, run_compress_classifier, with_pythonpath
-from .schedules import schedules_dir
 
 # network -> the study's sizes (None: the full training part), epochs, images per epoch, batch size,
 # training-part size
@@ -207,19 +206,7 @@ def main(argv=None):
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write the report from the runs --out already has (a study under way)")
     args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
-    args.places = {str(Path.cwd()): ""}
-    args.data, args.teacher = _pairs(args.data, "--data"), _pairs(args.teacher, "--teacher")
-    args.out = _resolve(args.out, args.places)
-    if args.schedules is None:
-        args.schedules = schedules_dir()
-        args.places[str(args.schedules)] = "schedules"
-    args.schedules = _resolve(args.schedules, args.places)
-    args.distiller_src = args.distiller_src.resolve()
-    args.script = args.distiller_src / "examples" / "classifier_compression" / "compress_classifier.py"
-    if not args.script.is_file():
-        parser.error(f"no {args.script.relative_to(args.distiller_src)} under --distiller-src {args.distiller_src}")
-    args.places.update({str(args.distiller_src): "$DISTILLER_SRC", sys.executable: "python"})
+    resolve_common_args(args, parser, argv)
     runs = plan(args)
     env = {**with_pythonpath(args.distiller_src), "OMP_NUM_THREADS": "1"}
     results, lock, started = {}, threading.Lock(), time.time()

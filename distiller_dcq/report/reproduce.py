@@ -302,6 +302,26 @@ def plot(args, results):
                [("every epoch", losses), (f"from epoch {later}", losses, later)])
 
 
+def resolve_common_args(args, parser, argv):
+    """What every report command does with its parsed options: paths made absolute (and remembered as
+    written, for results.md), the schedules and compress_classifier.py found or a parser error."""
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    args.places = {str(Path.cwd()): ""}  # how results.md writes this machine's paths
+    args.data, args.teacher = _pairs(args.data, "--data"), _pairs(args.teacher, "--teacher")
+    args.out = _resolve(args.out, args.places)
+    if args.schedules is None:
+        args.schedules = schedules_dir()
+        args.places[str(args.schedules)] = "schedules"
+    args.schedules = _resolve(args.schedules, args.places)
+    if not args.schedules.is_dir():
+        parser.error(f"no schedules directory at {args.schedules}")
+    args.distiller_src = args.distiller_src.resolve()
+    args.script = args.distiller_src / "examples" / "classifier_compression" / "compress_classifier.py"
+    if not args.script.is_file():
+        parser.error(f"no {args.script.relative_to(args.distiller_src)} under --distiller-src {args.distiller_src}")
+    args.places.update({str(args.distiller_src): "$DISTILLER_SRC", sys.executable: "python"})
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--distiller-src", type=Path, required=True,
@@ -334,21 +354,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rerun", action="store_true", help="run again what --out already has")
     args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
-    args.places = {str(Path.cwd()): ""}  # how results.md writes this machine's paths
-    args.data, args.teacher = _pairs(args.data, "--data"), _pairs(args.teacher, "--teacher")
-    args.out = _resolve(args.out, args.places)
-    if args.schedules is None:
-        args.schedules = schedules_dir()
-        args.places[str(args.schedules)] = "schedules"
-    args.schedules = _resolve(args.schedules, args.places)
-    if not args.schedules.is_dir():
-        parser.error(f"no schedules directory at {args.schedules}")
-    args.distiller_src = args.distiller_src.resolve()
-    args.script = args.distiller_src / "examples" / "classifier_compression" / "compress_classifier.py"
-    if not args.script.is_file():
-        parser.error(f"no {args.script.relative_to(args.distiller_src)} under --distiller-src {args.distiller_src}")
-    args.places.update({str(args.distiller_src): "$DISTILLER_SRC", sys.executable: "python"})
+    resolve_common_args(args, parser, argv)
     args.ablation_epochs = str(args.ablation_epochs or args.epochs)
     args.ablation_train_size = args.ablation_train_size or args.train_size
     args.epochs, args.lr, args.batch_size = str(args.epochs), str(args.lr), str(args.batch_size)
