@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -248,12 +249,30 @@ def test_reproduce_trains_the_teacher_first_when_asked_runs_dorefa_from_scratch_
     assert "| simplenet_mnist_dcq_binary_kd | failed |" in (out / "results.md").read_text()
 
 
+def test_the_fewshot_study_plans_its_variants_after_the_binary_runs_from_schedules_that_exist():
+    from distiller_dcq.report import fewshot
+    args = SimpleNamespace(networks=list(fewshot.STUDY), arms=list(fewshot.ARMS), seeds=[0, 1, 2],
+                           many_seeds_up_to=2048, variants=list(fewshot.VARIANTS))
+    runs = fewshot.plan(args)
+    assert all((SCHEDULES / run.schedule).is_file() for run in runs)
+    first_variant = next(i for i, run in enumerate(runs) if run.variant)
+    assert not any(run.variant for run in runs[:first_variant]) and all(run.variant for run in runs[first_variant:])
+    ternary = [run for run in runs if run.variant == "ternary"]
+    assert {run.arm for run in ternary} == set(fewshot.VARIANT_ARMS) and {run.seed for run in ternary} == {0, 1, 2}
+    assert {run.schedule for run in ternary} == {"resnet20_cifar_dorefa_ternary.yaml", "resnet20_cifar_dorefa_ternary_kd.yaml",
+                                                 "resnet20_cifar_kd_ternary_labelfree.yaml",
+                                                 "resnet20_cifar_dcq_ternary_mixed_labelfree.yaml"}
+    a2 = yaml.safe_load((SCHEDULES / "resnet20_cifar_dcq_binary_mixed_labelfree_a2.yaml").read_text())
+    assert a2["quantizers"]["dcq_quantizer"]["bits_activations"] == 2
+    assert len({run.name for run in runs}) == len(runs)
+
+
 def test_the_fewshot_study_trains_each_arm_on_fixed_subsets_with_equal_steps_and_reports_mean_and_std(
         tmp_path, distiller_src, monkeypatch, capsys):
     from distiller_dcq.report import fewshot
     # a two-minute version of the LeNet study: N = 60 (two seeds) and all, one epoch of 120 images
     monkeypatch.setitem(fewshot.STUDY, "simplenet_mnist", dict(sizes=(60, None), epochs=1, images_per_epoch=120,
-                                                               batch=60, train_part=54000))
+                                                               batch=60, train_part=54000, variants={}))
     monkeypatch.chdir(ROOT)
     out = tmp_path / "study"
     args = ["--distiller-src", str(distiller_src), "--networks", "simplenet_mnist", "--arms", "dcq_ce",

@@ -29,10 +29,12 @@ from .reproduce import NETWORKS, _resolve, resolve_common_args
 from .runs import exit_if_any_failed, portable_paths, run_compress_classifier, with_pythonpath
 
 # network -> the study's sizes (None: the full training part), epochs, images per epoch, batch size,
-# training-part size
+# training-part size, and the sizes at which each variant runs
 STUDY = {
-    "simplenet_mnist": dict(sizes=(60, 300, 1000, None), epochs=6, images_per_epoch=6400, batch=128, train_part=54000),
-    "resnet20_cifar": dict(sizes=(512, 2048, 8192, None), epochs=10, images_per_epoch=2048, batch=64, train_part=45000),
+    "simplenet_mnist": dict(sizes=(60, 300, 1000, None), epochs=6, images_per_epoch=6400, batch=128, train_part=54000,
+                            variants={"a2": (1000,)}),
+    "resnet20_cifar": dict(sizes=(512, 2048, 8192, None), epochs=10, images_per_epoch=2048, batch=64, train_part=45000,
+                           variants={"ternary": (512,), "a2": (2048,)}),
 }
 # arm -> (schedule suffix, what it is, whether it reads labels)
 ARMS = {
@@ -44,6 +46,13 @@ ARMS = {
     "dcq_mixed_labelfree": ("dcq_binary_mixed_labelfree", "DCQ, QDrop-mixed section inputs, then logits KD, "
                                                           "no labels", False),
 }
+# variant of the binary-weight, FP-activation study -> (its schedule suffix made from an arm's, what it is);
+# a variant runs the arms VARIANT_ARMS at the sizes STUDY gives it
+VARIANTS = {
+    "ternary": (lambda suffix: suffix.replace("binary", "ternary"), "ternary weights, FP activations"),
+    "a2": (lambda suffix: suffix + "_a2", "binary weights, 2-bit DoReFa activations"),
+}
+VARIANT_ARMS = ("dorefa_ce", "dorefa_kd", "kd_labelfree", "dcq_mixed_labelfree")
 
 
 @dataclass(frozen=True)
@@ -52,20 +61,32 @@ class Run:
     size: int  # None: the full training part
     arm: str
     seed: int
+    variant: str = ""  # a key of VARIANTS; "": binary weights, FP activations
 
     @property
     def name(self):
-        return f"{self.arch}_n{self.size or 'full'}_{self.arm}" + (f"_seed{self.seed}" if self.seed else "")
+        return (f"{self.arch}_n{self.size or 'full'}_{self.arm}" + (f"_{self.variant}" if self.variant else "")
+                + (f"_seed{self.seed}" if self.seed else ""))
+
+    @property
+    def schedule(self):
+        suffix = ARMS[self.arm][0]
+        return f"{self.arch}_{VARIANTS[self.variant][0](suffix) if self.variant else suffix}.yaml"
 
 
 def plan(args):
     """The sizes up to ``--many-seeds-up-to`` first, seed by seed (so that a partial study has every arm
-    of them), then the larger sizes, which get the first seed only."""
+    of them), then the larger sizes, which get the first seed only; then the variants, one after the other."""
     def few(size):
         return size is not None and size <= args.many_seeds_up_to
-    return [Run(arch, size, arm, seed) for small in (True, False) for seed in args.seeds for arch in args.networks
-            for size in STUDY[arch]["sizes"] if few(size) == small and (small or seed == args.seeds[0])
-            for arm in args.arms]
+
+    def seeds(size):
+        return args.seeds if few(size) else args.seeds[:1]
+    main = [Run(arch, size, arm, seed) for small in (True, False) for seed in args.seeds for arch in args.networks
+            for size in STUDY[arch]["sizes"] if few(size) == small and seed in seeds(size) for arm in args.arms]
+    return main + [Run(arch, size, arm, seed, variant) for arch in args.networks
+                   for variant, sizes in STUDY[arch]["variants"].items() if variant in args.variants
+                   for size in sizes for seed in seeds(size) for arm in VARIANT_ARMS if arm in args.arms]
 
 
 def data_options(args, run):
@@ -88,7 +109,7 @@ def command(args, run):
     return [sys.executable, args.script, "--arch", run.arch, data, "--cpu", "-j", "0", "-b", str(study["batch"]),
             "--lr", args.lr, "--momentum", "0.9", "--wd", "0", "--epochs", str(study["epochs"]), "--vs", "0.1",
             "--effective-valid-size", args.valid_size, "--seed", str(run.seed), "--effective-train-size", train_size,
-            "--compress", args.schedules / f"{run.arch}_{ARMS[run.arm][0]}.yaml", "--exp-load-weights-from", teacher,
+            "--compress", args.schedules / run.schedule, "--exp-load-weights-from", teacher,
             "--out-dir", args.out / "runs" / run.name, "--name", run.name]
 
 
@@ -119,7 +140,7 @@ def write_results(args, runs, results):
              f"{', '.join(map(str, args.seeds))} for N <= {args.many_seeds_up_to}, seed {args.seeds[0]} above; "
              f"the seed draws the N images too. Every run: Distiller's unmodified compress_classifier.py from "
              f"the same FP teacher, SGD lr {args.lr} momentum 0.9, binary weights x one "
-             f"scale per layer, FP activations.", "",
+             f"scale per layer and FP activations unless a table's title says otherwise.", "",
              "Budget, equal across arms and sizes: " + "; ".join(
                  f"{arch}: {STUDY[arch]['epochs']} epochs of {STUDY[arch]['images_per_epoch']} images in batches of "
                  f"{STUDY[arch]['batch']} ({STUDY[arch]['epochs'] * STUDY[arch]['images_per_epoch'] // STUDY[arch]['batch']} "
@@ -137,11 +158,23 @@ def write_results(args, runs, results):
         for arm in args.arms:
             cells = []
             for size in sizes:
-                planned = [r for r in runs if (r.arch, r.size, r.arm) == (arch, size, arm)]
+                planned = [r for r in runs if (r.arch, r.size, r.arm, r.variant) == (arch, size, arm, "")]
                 failed = [r for r in planned if "failed" in results.get(r.name, {})]
                 cells.append("failed" if failed else _cell(_top1s(planned, results), len(planned)))
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         lines += ["", f"![{arch}](fewshot_{arch}.png)"]
+        for variant, sizes in STUDY[arch]["variants"].items():
+            if not any(r.arch == arch and r.variant == variant for r in runs):
+                continue
+            lines += ["", f"### {arch}, {VARIANTS[variant][1]}", "",
+                      "| arm | " + " | ".join(f"N = {n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+            for arm in [arm for arm in VARIANT_ARMS if arm in args.arms]:
+                cells = []
+                for size in sizes:
+                    planned = [r for r in runs if (r.arch, r.size, r.arm, r.variant) == (arch, size, arm, variant)]
+                    failed = [r for r in planned if "failed" in results.get(r.name, {})]
+                    cells.append("failed" if failed else _cell(_top1s(planned, results), len(planned)))
+                lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", "## Commands", "", "Run from the directory the study ran in; `$DISTILLER_SRC` is Distiller's "
               "source directory, `schedules/` distiller-dcq's; each subset directory is made by "
               "`python -m distiller_dcq.subsets SOURCE --size N --seed S --repeat K --out DIR`.", ""]
@@ -149,10 +182,10 @@ def write_results(args, runs, results):
     (args.out / "results.md").write_text(portable_paths("\n".join(lines) + "\n", args.places))
     with open(args.out / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["run", "network", "N", "arm", "seed", "test_top1", "seconds"])
+        writer.writerow(["run", "network", "N", "arm", "variant", "seed", "test_top1", "seconds"])
         for r in runs:
             result = results.get(r.name, {})
-            writer.writerow([r.name, r.arch, r.size or "full", r.arm, r.seed,
+            writer.writerow([r.name, r.arch, r.size or "full", r.arm, r.variant or "binary", r.seed,
                              result.get("test_top1", result.get("failed", "")), round(result.get("seconds", 0))])
 
 
@@ -167,7 +200,8 @@ def plot(args, runs, results):
         for arm in args.arms:
             points = []
             for size in study["sizes"]:
-                values = _top1s([r for r in runs if (r.arch, r.size, r.arm) == (arch, size, arm)], results)
+                values = _top1s([r for r in runs if (r.arch, r.size, r.arm, r.variant) == (arch, size, arm, "")],
+                                results)
                 if values:
                     points.append((size or full_at, statistics.mean(values),
                                    statistics.stdev(values) if len(values) > 1 else 0.0))
@@ -192,6 +226,8 @@ def main(argv=None):
     parser.add_argument("--distiller-src", type=Path, required=True, help="Distiller's source directory")
     parser.add_argument("--networks", nargs="+", default=list(STUDY), choices=list(STUDY))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="the variants of the binary study to run too, at the sizes STUDY gives them (default: all)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--many-seeds-up-to", type=int, default=2048,
                         help="sizes above this get the first seed only (default 2048)")
