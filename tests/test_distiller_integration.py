@@ -426,7 +426,10 @@ def test_every_network_schedule_trains_a_few_minibatches_in_distillers_loop(sche
     scheduler.on_epoch_end(0, optimizer, metrics={"min": overall_loss.mean, "max": top1})
     assert np.isfinite(overall_loss.mean) and overall_loss.n == 2  # two minibatches
     quantized = [m for m in model.modules() if hasattr(m, "float_weight")]
-    assert quantized and all(m.weight.abs().unique().numel() <= 2 for m in quantized)  # {a} or {0, a}
+    # binary/ternary: |w| in {a} or {0, a}; 2-bit DoReFa: 4 levels; a progressive run starts at 8 bits
+    levels = 2 ** 8 if "progressive" in schedule else 4 if "w2a2" in schedule else 2
+    assert quantized and all((m.weight if levels > 2 else m.weight.abs()).unique().numel() <= levels
+                             for m in quantized)
 
 
 def tiny_imagenet(root, classes=3, per_class=2):

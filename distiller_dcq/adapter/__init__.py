@@ -5,14 +5,16 @@ The only package that imports Distiller; ``distiller_dcq.engine`` never does.
 import sys
 
 from .._hooks import when_imported
-from .compat import (patch_checkpoint_loading, patch_class_name_errors, patch_criterion_loss, patch_imagenet_resnets,
-                     patch_pandas_precision, patch_policy_windows, patch_quantizer_prepare, patch_resumed_lr,
-                     patch_scheduler_state)
+from .compat import (patch_checkpoint_loading, patch_class_name_errors, patch_criterion_inputs, patch_criterion_loss,
+                     patch_imagenet_resnets, patch_pandas_precision, patch_policy_windows, patch_quantizer_prepare,
+                     patch_resumed_lr, patch_scheduler_state)
 from .datasets import patch_cifar10_image_folders, patch_subset_dirs, register_svhn
 from .policy import SectionalKDPolicy
 from .quantizer import DCQQuantizer
+from .relatives import JointKDPolicy, ProgressivePrecisionPolicy, SPEQPolicy, StochasticPrecisionPolicy
 
-YAML_CLASSES = (DCQQuantizer, SectionalKDPolicy)
+YAML_CLASSES = (DCQQuantizer, SectionalKDPolicy, SPEQPolicy, ProgressivePrecisionPolicy, StochasticPrecisionPolicy,
+                JointKDPolicy)
 
 
 def register(distiller):
@@ -39,9 +41,15 @@ def register(distiller):
     patch_subset_dirs(data_loaders, distiller.apputils)
     register_svhn(data_loaders, distiller.apputils, distiller.models)
     # image_classifier imports compress_classifier's own parser.py: patch it only when an application loads it
-    when_imported("distiller.apputils.image_classifier", lambda module: patch_policy_windows(module, SectionalKDPolicy))
+    when_imported("distiller.apputils.image_classifier", _patch_image_classifier)
+
+
+def _patch_image_classifier(image_classifier):
+    patch_policy_windows(image_classifier, SectionalKDPolicy)
+    patch_criterion_inputs(image_classifier)
 
 
 register(sys.modules["distiller"])  # when this module was imported before Distiller (the hook waited for it)
 
-__all__ = ["DCQQuantizer", "SectionalKDPolicy", "register", "YAML_CLASSES"]
+__all__ = ["DCQQuantizer", "SectionalKDPolicy", "SPEQPolicy", "ProgressivePrecisionPolicy", "StochasticPrecisionPolicy",
+           "JointKDPolicy", "register", "YAML_CLASSES"]

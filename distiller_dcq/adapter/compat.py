@@ -300,6 +300,42 @@ def criterion_loss():
     return _criterion_losses[-1] if _criterion_losses else None
 
 
+_criterion_inputs = {}  # what the training loop last handed its criterion: "output", "target"
+
+
+def patch_criterion_inputs(image_classifier):
+    """Record what compress_classifier's training loop (``image_classifier.train``) hands its criterion,
+    the model's output and the labels, for the policies that need them (``criterion_inputs``)."""
+    if _is_patched(image_classifier.train):
+        return
+    original = image_classifier.train
+
+    def record(criterion, inputs, loss):
+        _criterion_inputs.update(output=inputs[0], target=inputs[1])
+
+    @functools.wraps(original)
+    def train(train_loader, model, criterion, *args, **kwargs):
+        handle = criterion.register_forward_hook(record) if isinstance(criterion, torch.nn.Module) else None
+        try:
+            return original(train_loader, model, criterion, *args, **kwargs)
+        finally:
+            _criterion_inputs.clear()
+            if handle is not None:
+                handle.remove()
+
+    image_classifier.train = _mark(train)
+
+
+def criterion_inputs(policy_name):
+    """(model output, labels) of the training minibatch in progress; an error naming ``policy_name``
+    outside compress_classifier's training loop."""
+    if not _criterion_inputs:
+        raise RuntimeError(f"{policy_name} reads the labels and the model's output where compress_classifier's "
+                           f"training loop (distiller.apputils.image_classifier.train) hands them to its criterion, "
+                           f"a torch.nn.Module; train with that loop")
+    return _criterion_inputs["output"], _criterion_inputs["target"]
+
+
 def rng_state():
     """Python, NumPy, torch (and CUDA's, where initialised) RNG states, as tensors and ints
     (``weights_only``-loadable)."""

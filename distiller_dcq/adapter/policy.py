@@ -65,7 +65,7 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
             raise ValueError(f"recalibrate_bn is a number of training batches (an integer >= 0), got {recalibrate_bn!r}")
         self.recalibrate_bn, self._last_epoch, self._pending_recalibration = recalibrate_bn, None, None
         resumed = getattr(model, RESUMED_POLICY_STATES, {}).get(name)
-        teacher_model = _fp_teacher(model, name, teacher, resumed)
+        teacher_model = fp_teacher(model, name, teacher, resumed)
         example_input = torch.zeros(_input_shape(model), device=next(model.parameters()).device)
         self.wiring = SectionWiring(model, teacher_model, boundaries, num_sections=num_sections,
                                     example_input=example_input, loss=loss, temperature=temperature,
@@ -177,7 +177,7 @@ def _is_quantized(model):
     return any(n.rsplit(".", 1)[-1].startswith(FP_BKP_PREFIX) for n, _ in model.named_parameters())
 
 
-def _fp_teacher(model, name, path, resumed):
+def fp_teacher(model, name, path, resumed):
     """The FP teacher: the model itself as it stands (a fresh run), else a new FP instance of its
     architecture with the weights of ``path`` or of the resumed checkpoint."""
     if not _is_quantized(model):

@@ -1,4 +1,6 @@
 """``DCQQuantizer``: Distiller's DorefaQuantizer with binary, ternary and k-bit weight modes."""
+import weakref
+
 from distiller.quantization.clipped_linear import DorefaQuantizer
 
 from ..engine.quantizers import BinaryWeights, DorefaWeights, make_weight_quantizer
@@ -7,6 +9,12 @@ _MODE_BITS = {"binary": 1, "ternary": 2}
 # scale when the YAML gives none: least-squares per layer for binary/ternary (what Distiller's 1-bit
 # DoReFa does), none for k-bit DoReFa (Distiller's formula, which has no scale)
 DEFAULT_SCALE = {"binary": "layer", "ternary": "layer", "dorefa": "none"}
+_QUANTIZER_OF = weakref.WeakKeyDictionary()  # model -> the DCQQuantizer that prepared it
+
+
+def quantizer_of(model):
+    """The ``DCQQuantizer`` built for ``model`` in this process, or None."""
+    return _QUANTIZER_OF.get(model)
 
 
 class DCQQuantizer(DorefaQuantizer):
@@ -34,6 +42,7 @@ class DCQQuantizer(DorefaQuantizer):
         self.param_quantization_fn = self._quantize_param
         model.quantizer_metadata["params"].update(weight_mode=weight_mode, scale=scale,
                                                   ternary_threshold=ternary_threshold)
+        _QUANTIZER_OF[model] = self
 
     @staticmethod
     def _main_quantizer(weight_mode, scale, ternary_threshold, bits_weights):

@@ -1,0 +1,300 @@
+"""DCQ's relatives as Distiller policies: methods that train a low-bit network with help from higher
+precision, declared under ``extensions:`` and scheduled under ``policies:`` after the quantizer.
+
+- ``SPEQPolicy``: stochastic precision ensemble, self-distillation (Boo et al., AAAI 2021).
+- ``ProgressivePrecisionPolicy``: precision lowered stage by stage (Zhuang et al., TPAMI 2022).
+- ``StochasticPrecisionPolicy``: units quantized at random, ever more often (same paper).
+- ``JointKDPolicy``: an FP partner trained beside the low-bit model, each distilled from the other
+  (same paper, the authors' "guided training").
+
+Their engine parts are ``distiller_dcq.engine.precision`` and ``distiller_dcq.engine.cotraining``.
+"""
+import contextlib
+import logging
+
+import torch
+from distiller.policy import LossComponent, PolicyLoss, ScheduledTrainingPolicy
+from distiller.quantization.clipped_linear import ClippedLinearQuantization
+from distiller.quantization.q_utils import asymmetric_linear_quantization_params
+from distiller.quantization.quantizer import FP_BKP_PREFIX
+
+from ..engine.cotraining import mutual_distillation_losses
+from ..engine.losses import cosine_loss
+from ..engine.precision import (PrecisionStages, batchnorm_statistics_kept, draw_high_precision, precision_units,
+                                rising_probability)
+from .compat import RESUMED_POLICY_STATES, criterion_inputs, criterion_loss
+from .policy import fp_teacher
+from .quantizer import quantizer_of
+
+msglogger = logging.getLogger()
+# "full precision" for one of Distiller's clipped activation quantizers: 2**32 levels in [0, clip_val],
+# the clipped activation within float32 rounding
+FP_ACTIVATION_BITS = 32
+
+
+def activation_quantizers(model):
+    """Distiller's quantized activations (each ReLU replaced by a ``ClippedLinearQuantization``)."""
+    return [m for m in model.modules() if isinstance(m, ClippedLinearQuantization)]
+
+
+def set_activation_bits(quantizer, bits):
+    """Make a ``ClippedLinearQuantization`` quantize to ``bits`` (None: full precision)."""
+    quantizer.num_bits = FP_ACTIVATION_BITS if bits is None else bits
+    quantizer.scale, quantizer.zero_point = asymmetric_linear_quantization_params(
+        quantizer.num_bits, 0, quantizer.clip_val, signed=False)
+
+
+@contextlib.contextmanager
+def activation_bits(quantizers, bits):
+    """Inside, each of ``quantizers`` quantizes to its entry of ``bits``; after, to what it did before."""
+    before = [q.num_bits for q in quantizers]
+    try:
+        for q, b in zip(quantizers, bits):
+            set_activation_bits(q, b)
+        yield
+    finally:
+        for q, b in zip(quantizers, before):
+            set_activation_bits(q, b)
+
+
+def _has_quantized_weights(module):
+    return hasattr(module, FP_BKP_PREFIX + "weight")
+
+
+def _use_fp_weights(module):
+    """Until the quantizer re-quantizes them (after the step), ``module`` computes with its FP weights."""
+    for name in ("weight", "bias"):
+        if hasattr(module, FP_BKP_PREFIX + name):
+            setattr(module, name, getattr(module, FP_BKP_PREFIX + name).view_as(getattr(module, name)))
+
+
+class _LastInput:
+    """Keeps the input of the model's last forward pass in training (not of passes while paused)."""
+
+    def __init__(self, model):
+        self.value, self._paused = None, False
+        model.register_forward_pre_hook(self._record)
+
+    def _record(self, module, inputs):
+        if module.training and not self._paused:
+            self.value = inputs[0]
+
+    @contextlib.contextmanager
+    def paused(self):
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
+
+def _with_criterion(loss, criterion_weight, extra):
+    """The loss of earlier policies kept, the criterion's share re-weighted, ``extra`` added."""
+    criterion = criterion_loss()
+    if criterion is None:  # called outside CompressionScheduler.before_backward_pass: loss is the criterion's
+        criterion = loss
+    return loss - criterion + criterion_weight * criterion + extra
+
+
+def _needs_quantized_activations(model, policy):
+    quantizers = activation_quantizers(model)
+    if not quantizers:
+        raise ValueError(f"{policy} needs quantized activations, and the model has none: set bits_activations on "
+                         f"the quantizer (e.g. DCQQuantizer with bits_activations: 2) and schedule the quantizer from "
+                         f"the policy's first epoch")
+    return quantizers
+
+
+class SPEQPolicy(ScheduledTrainingPolicy):
+    """SPEQ (Boo, Shin, Choi, Sung, "Stochastic Precision Ensemble: Self-Knowledge Distillation for
+    Quantized Deep Neural Networks", AAAI 2021): the teacher is the student itself, its weights
+    shared, each activation quantizer taking ``high_bits`` with probability ``u`` or its own bits
+    otherwise, drawn anew for every teacher forward; the student learns the teacher's soft labels
+    by cosine similarity, beside the labels' cross-entropy. The teacher pass leaves BatchNorm's
+    running statistics alone and carries no gradient.
+
+    Args (YAML keys):
+        u: probability of the high precision, per quantizer and forward (default 0.5).
+        high_bits: the high precision (default 8).
+        temperature: softens both soft labels (default 1).
+        loss_weight: weight of the cosine loss (default 1).
+        label_weight: weight of the criterion's cross-entropy (default 1).
+    """
+
+    def __init__(self, model, name="speq", u=0.5, high_bits=8, temperature=1.0, loss_weight=1.0, label_weight=1.0):
+        super().__init__()
+        if not 0 <= u <= 1:
+            raise ValueError(f"SPEQ's u is a probability in [0, 1], got {u}")
+        if not isinstance(high_bits, int) or high_bits < 2:
+            raise ValueError(f"SPEQ's high_bits is a number of bits (an integer >= 2), got {high_bits!r}")
+        self.name, self.u, self.high_bits = name, float(u), high_bits
+        self.temperature, self.loss_weight, self.label_weight = float(temperature), float(loss_weight), float(label_weight)
+        self.quantizers, self._input = None, _LastInput(model)
+
+    def on_epoch_begin(self, model, zeros_mask_dict, meta, **kwargs):
+        if self.quantizers is None:
+            self.quantizers = _needs_quantized_activations(model, f"SPEQ policy {self.name!r}")
+            msglogger.info("SPEQ %s: teacher = the student with each of its %d activation quantizers at %d bits with "
+                           "probability %g", self.name, len(self.quantizers), self.high_bits, self.u)
+
+    def teacher_logits(self, model, inputs):
+        """One forward of the stochastic-precision teacher: no gradient, BatchNorm statistics kept."""
+        high = draw_high_precision(len(self.quantizers), self.u)
+        bits = [self.high_bits if h else q.num_bits for h, q in zip(high, self.quantizers)]
+        with torch.no_grad(), self._input.paused(), batchnorm_statistics_kept(model), \
+                activation_bits(self.quantizers, bits):
+            return model(inputs)
+
+    def before_backward_pass(self, model, epoch, minibatch_id, minibatches_per_epoch, loss, zeros_mask_dict,
+                             optimizer=None):
+        student, _ = criterion_inputs(f"SPEQ policy {self.name!r}")
+        teacher = self.teacher_logits(model, self._input.value)
+        cosine = cosine_loss(student, teacher, logits=True, temperature=self.temperature)
+        overall = _with_criterion(loss, self.label_weight, self.loss_weight * cosine)
+        return PolicyLoss(overall, [LossComponent("SPEQ cosine", cosine)])
+
+
+class ProgressivePrecisionPolicy(ScheduledTrainingPolicy):
+    """Progressive quantization (Zhuang, Tan, Liu, Liu, Reid, Shen, "Effective Training of Convolutional
+    Neural Networks with Low-Bitwidth Weights and Activations", TPAMI 2022): the window's epochs run
+    in stages, each with its own weight and activation bits, each starting from the weights the stage
+    before it left: weights first, then activations (``bits_activations: null`` = FP in the first
+    stage), or bits lowered stage by stage (8 -> 4 -> 2). Needs ``DCQQuantizer`` (k-bit weights:
+    ``weight_mode: dorefa``) and, for activation stages, its ``bits_activations``.
+
+    Args (YAML keys):
+        stages: a list of ``{epochs: E, bits_weights: B, bits_activations: A}``; ``bits_weights`` null
+            keeps the quantizer's, ``bits_activations`` null is full precision; the epochs fill the window.
+    """
+
+    def __init__(self, model, stages, name="progressive"):
+        super().__init__()
+        self.name, self.stages, self._current = name, PrecisionStages(stages), None
+
+    def on_epoch_begin(self, model, zeros_mask_dict, meta, **kwargs):
+        quantizer = quantizer_of(model)
+        if quantizer is None:
+            raise ValueError(f"progressive policy {self.name!r} sets the bits of DCQQuantizer's weights: declare the "
+                             f"quantizer as class: DCQQuantizer (weight_mode: dorefa for k-bit weights)")
+        stage = self.stages.at(meta["current_epoch"] - meta["starting_epoch"],
+                               meta["ending_epoch"] - meta["starting_epoch"])
+        if any(b is not None for b in (s.bits_activations for s in self.stages.stages)):
+            quantizers = _needs_quantized_activations(model, f"progressive policy {self.name!r}")
+        else:
+            quantizers = activation_quantizers(model)
+        for q in quantizers:
+            set_activation_bits(q, stage.bits_activations)
+        for param in quantizer.params_to_quantize:
+            if param.q_attr_name == "weight":
+                param.num_bits = stage.bits_weights or quantizer.weight_quantizer.bits
+        quantizer.quantize_params()  # the stage's first forward already sees its bits
+        if stage is not self._current:
+            self._current = stage
+            msglogger.info("progressive %s: epoch %d starts a stage of %d epoch(s): weights %s bits, activations %s",
+                           self.name, meta["current_epoch"], stage.epochs,
+                           stage.bits_weights or quantizer.weight_quantizer.bits, stage.bits_activations or "FP")
+
+
+class StochasticPrecisionPolicy(ScheduledTrainingPolicy):
+    """Stochastic precision (Zhuang et al., TPAMI 2022): at each training step every unit (a module
+    holding quantized weights that is not a plain container: a ResNet's residual blocks, a plain
+    net's layers, with the activation quantizers that follow them) is quantized with probability
+    p(t) and otherwise runs in full precision (FP weights, activations clipped but not rounded);
+    p rises linearly from ``start_probability`` to 1 at ``full_at`` of the window and stays there.
+    Evaluation always quantizes everything. Schedule it after the quantizer.
+
+    Args (YAML keys):
+        start_probability: p at the window's first step (default 0.5).
+        full_at: the fraction of the window at which p reaches 1 (default 0.8).
+    """
+
+    def __init__(self, model, name="stochastic_precision", start_probability=0.5, full_at=0.8):
+        super().__init__()
+        rising_probability(0, start_probability, full_at)  # checks the values
+        self.name, self.start_probability, self.full_at = name, float(start_probability), float(full_at)
+        self.units, self._window, self._fp_activations = None, None, []
+
+    def on_epoch_begin(self, model, zeros_mask_dict, meta, **kwargs):
+        self._window = meta["starting_epoch"], meta["ending_epoch"]
+        if self.units is None:
+            self.units = precision_units(model, _has_quantized_weights,
+                                         lambda m: isinstance(m, ClippedLinearQuantization))
+            if not self.units:
+                raise ValueError(f"stochastic precision policy {self.name!r} found no quantized weights: schedule "
+                                 f"the quantizer from the policy's first epoch")
+            msglogger.info("stochastic precision %s: %d units: %s", self.name, len(self.units),
+                           ", ".join(u.name for u in self.units))
+
+    def quantize_probability(self, epoch, minibatch_id, minibatches_per_epoch):
+        start, end = self._window
+        return rising_probability((epoch - start + minibatch_id / minibatches_per_epoch) / (end - start),
+                                  self.start_probability, self.full_at)
+
+    def on_minibatch_begin(self, model, epoch, minibatch_id, minibatches_per_epoch, zeros_mask_dict, meta,
+                           optimizer=None):
+        p = self.quantize_probability(epoch, minibatch_id, minibatches_per_epoch)
+        if p == 1:  # no draw: from here on, the run is plain QAT, random numbers included
+            return
+        quantized = draw_high_precision(len(self.units), p)
+        self._fp_activations = [(q, q.num_bits) for unit, keep in zip(self.units, quantized) if not keep
+                                for q in unit.activation_modules]
+        for unit, keep in zip(self.units, quantized):
+            if not keep:
+                for module in unit.weight_modules:
+                    _use_fp_weights(module)
+        for q, _ in self._fp_activations:
+            set_activation_bits(q, None)
+
+    def on_minibatch_end(self, model, epoch, minibatch_id, minibatches_per_epoch, zeros_mask_dict, optimizer):
+        for q, bits in self._fp_activations:  # the quantizer re-quantizes the weights itself
+            set_activation_bits(q, bits)
+        self._fp_activations = []
+
+
+class JointKDPolicy(ScheduledTrainingPolicy):
+    """Joint knowledge distillation (Zhuang et al., TPAMI 2022; the authors' guided training): an FP
+    partner, a copy of the model as loaded (the FP teacher), trains beside the low-bit model with its
+    own SGD optimizer; each learns from the labels (cross-entropy) and from the other's softened class
+    probabilities (KL at ``temperature``), the other's logits detached. The partner is not part of the
+    model: the saved network is the low-bit one alone.
+
+    Args (YAML keys):
+        temperature: of both KL terms (default 4).
+        kd_weight: weight of each KL term (default 1).
+        label_weight: weight of each cross-entropy term (default 1).
+        partner_lr, partner_momentum, partner_weight_decay: the partner's SGD (default 0.01, 0.9, 0).
+        partner: path to an FP checkpoint to start the partner from; default: the model as loaded.
+    """
+
+    def __init__(self, model, name="joint_kd", temperature=4.0, kd_weight=1.0, label_weight=1.0, partner_lr=0.01,
+                 partner_momentum=0.9, partner_weight_decay=0.0, partner=None):
+        super().__init__()
+        self.name, self.temperature = name, float(temperature)
+        self.kd_weight, self.label_weight = float(kd_weight), float(label_weight)
+        resumed = getattr(model, RESUMED_POLICY_STATES, {}).get(name)
+        # made as DCQ's FP teacher is: the model as loaded, or the resumed run's partner
+        self.partner = fp_teacher(model, name, partner, resumed and {"teacher": resumed["partner"]})
+        self.partner.to(next(model.parameters()).device).train()
+        self.optimizer = torch.optim.SGD(self.partner.parameters(), lr=partner_lr, momentum=partner_momentum,
+                                         weight_decay=partner_weight_decay)
+        if resumed:
+            self.optimizer.load_state_dict(resumed["optimizer"])
+        self._input = _LastInput(model)
+
+    def checkpoint_state(self):
+        """The partner and its optimizer, for a resumed run (saved with the scheduler's state)."""
+        partner = getattr(self.partner, "module", self.partner)
+        return {"partner": partner.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def before_backward_pass(self, model, epoch, minibatch_id, minibatches_per_epoch, loss, zeros_mask_dict,
+                             optimizer=None):
+        low, target = criterion_inputs(f"joint KD policy {self.name!r}")
+        fp = self.partner(self._input.value)
+        low_loss, fp_loss = mutual_distillation_losses(low, fp, target, self.temperature, self.kd_weight,
+                                                       self.label_weight)
+        self.optimizer.zero_grad()
+        fp_loss.backward()
+        self.optimizer.step()
+        # low_loss holds the labels' cross-entropy itself: it replaces the criterion's
+        return PolicyLoss(_with_criterion(loss, 0.0, low_loss), [LossComponent("joint KD low-bit loss", low_loss),
+                                                               LossComponent("joint KD partner loss", fp_loss.detach())])

@@ -1,0 +1,246 @@
+"""DCQ's relatives against a real Distiller: SPEQ, progressive and stochastic precision, joint KD, from
+their schedules, in Distiller's own training loop and through compress_classifier.py."""
+import sys
+
+import pytest
+import torch
+
+from conftest import LENET_TEACHER, ROOT
+from distiller_env import compress_classifier_script, import_distiller, run_compress_classifier
+
+distiller = import_distiller()
+from distiller.models import create_model  # noqa: E402
+from distiller.quantization.clipped_linear import ClippedLinearQuantization  # noqa: E402
+
+from distiller_dcq.adapter import JointKDPolicy, SPEQPolicy, StochasticPrecisionPolicy  # noqa: E402
+from distiller_dcq.adapter.compat import RESUMED_POLICY_STATES  # noqa: E402
+from distiller_dcq.engine import DorefaWeights  # noqa: E402
+from distiller_dcq.engine.losses import cosine_loss  # noqa: E402
+
+SCHEDULES = ROOT / "schedules"
+
+
+def build(schedule, arch="simplenet_mnist", text=None, tmp_path=None):
+    """(model, optimizer, scheduler) from a schedule file (or ``text`` written to ``tmp_path``), seed 0."""
+    if text is not None:
+        schedule = tmp_path / "schedule.yaml"
+        schedule.write_text(text)
+    torch.manual_seed(0)
+    model = create_model(False, "mnist" if arch == "simplenet_mnist" else "cifar10", arch, parallel=False, device_ids=-1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return model, optimizer, distiller.file_config(model, optimizer, str(schedule))
+
+
+def policy_of(scheduler, cls):
+    return next(p for p in scheduler.sched_metadata if isinstance(p, cls))
+
+
+def train_epochs(model, optimizer, scheduler, epochs, monkeypatch, batches=2, seed=0, on_epoch=None):
+    """Distiller's own training loop (image_classifier.train) on random images, ``batches`` per epoch."""
+    monkeypatch.syspath_prepend(str(compress_classifier_script().parent))  # image_classifier imports its parser.py
+    import distiller.apputils.image_classifier as classifier
+    from distiller.data_loggers import NullLogger
+    args = classifier.ClassifierCompressor.mock_args()
+    args.device = "cpu"
+    generator = torch.Generator().manual_seed(seed)
+    shape = model.input_shape[1:]
+    data = torch.utils.data.TensorDataset(torch.randn(4 * batches, *shape, generator=generator),
+                                          torch.randint(0, 10, (4 * batches,), generator=generator))
+    for epoch in epochs:
+        scheduler.on_epoch_begin(epoch)
+        if on_epoch:
+            on_epoch(epoch, "begin")
+        loader = torch.utils.data.DataLoader(data, batch_size=4)
+        top1, _, loss = classifier.train(loader, model, torch.nn.CrossEntropyLoss(), optimizer, epoch, scheduler,
+                                         [NullLogger()], args)
+        scheduler.on_epoch_end(epoch, optimizer, metrics={"min": loss.mean, "max": top1})
+        if on_epoch:
+            on_epoch(epoch, "end")
+    return loss.mean
+
+
+def float_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# --- SPEQ --------------------------------------------------------------------------------------------
+
+def speq(tmp_path, u, arch="simplenet_mnist"):
+    text = (SCHEDULES / f"{arch}_speq_w2a2.yaml").read_text().replace("u: 0.5", f"u: {u}")
+    model, optimizer, scheduler = build(None, arch, text, tmp_path)
+    scheduler.on_epoch_begin(0)
+    return model, policy_of(scheduler, SPEQPolicy)
+
+
+def test_speq_draws_each_quantizers_precision_anew_for_every_teacher_forward(tmp_path):
+    model, policy = speq(tmp_path, 0.3)
+    seen = []
+    hooks = [q.register_forward_pre_hook(lambda m, inputs: seen.append(m.num_bits)) for q in policy.quantizers]
+    x = torch.randn(16, 1, 28, 28)
+    torch.manual_seed(1)
+    for _ in range(500):
+        policy.teacher_logits(model, x)
+    for h in hooks:
+        h.remove()
+    draws = torch.tensor(seen).view(500, len(policy.quantizers)) == 8
+    assert len(policy.quantizers) == 3 and set(seen) == {2, 8}
+    assert (draws.float().mean(0) - 0.3).abs().max() < 0.07  # each quantizer on its own, per forward
+    assert 0.2 < draws.all(1).float().mean() / 0.3 ** 3 < 2.5 and draws.any(1).float().mean() < 0.75  # independent
+    assert all(q.num_bits == 2 for q in policy.quantizers)  # the student keeps its precision
+
+
+def test_speq_with_u_zero_has_zero_loss_and_a_positive_one_with_u_one(tmp_path):
+    x = torch.randn(16, 1, 28, 28)
+    for u, zero in ((0, True), (1, False)):
+        model, policy = speq(tmp_path, u)
+        model.train()
+        loss = cosine_loss(model(x), policy.teacher_logits(model, x), logits=True).item()
+        assert (loss < 1e-6) == zero, (u, loss)
+
+
+def test_the_speq_teacher_pass_moves_no_batchnorm_statistic_and_carries_no_gradient(tmp_path):
+    model, policy = speq(tmp_path, 0.5, arch="resnet20_cifar")
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    logits = policy.teacher_logits(model, torch.randn(4, 3, 32, 32))
+    after = model.state_dict()
+    assert before and all(torch.equal(v, after[k]) for k, v in before.items())
+    assert not logits.requires_grad
+
+
+def test_speq_without_quantized_activations_is_refused(tmp_path):
+    text = (SCHEDULES / "simplenet_mnist_speq_w2a2.yaml").read_text().replace("bits_activations: 2", "bits_activations: null")
+    model, optimizer, scheduler = build(None, text=text, tmp_path=tmp_path)
+    with pytest.raises(ValueError, match="SPEQ policy 'speq' needs quantized activations, and the model has none"):
+        scheduler.on_epoch_begin(0)
+
+
+# --- progressive quantization ------------------------------------------------------------------------
+
+def test_progressive_stages_lower_the_bits_and_hand_over_the_weights_bit_exactly(monkeypatch):
+    model, optimizer, scheduler = build(SCHEDULES / "simplenet_mnist_progressive_w2a2.yaml")
+    ends, begins, bits = {}, {}, {}
+
+    def record(epoch, when):
+        if when == "end":
+            ends[epoch] = float_weights(model)
+            return
+        begins[epoch] = float_weights(model)
+        acts = {q.num_bits for q in model.modules() if isinstance(q, ClippedLinearQuantization)}
+        levels = max(model.fc1.weight.unique().numel(), model.conv2.weight.unique().numel())
+        bits[epoch] = (acts, levels, torch.equal(model.fc1.weight, DorefaWeights(next(iter(acts)), "none")(
+            model.fc1.float_weight)))
+
+    train_epochs(model, optimizer, scheduler, range(6), monkeypatch, on_epoch=record)
+    assert [bits[e][0] for e in range(6)] == [{8}, {8}, {4}, {4}, {2}, {2}]
+    assert all(bits[e][2] for e in range(6))  # the forward sees the stage's bits from its first step
+    assert bits[0][1] > 16 and 4 < bits[2][1] <= 16 and bits[4][1] <= 4
+    for epoch in (1, 3, 5):  # a new stage starts from the FP weights the last one left, bit for bit
+        assert all(torch.equal(ends[epoch - 1][k], begins[epoch][k]) for k in ends[epoch - 1])
+    assert all(not torch.equal(ends[1][k], ends[5][k]) for k in ends[1] if "weight" in k)  # and they train on
+
+
+def test_weights_first_keeps_activations_full_precision_then_quantizes_them(monkeypatch):
+    model, optimizer, scheduler = build(SCHEDULES / "simplenet_mnist_progressive_weights_first_w2a2.yaml")
+    seen = {}
+    train_epochs(model, optimizer, scheduler, range(6), monkeypatch, on_epoch=lambda e, when: seen.setdefault(
+        e, {q.num_bits for q in model.modules() if isinstance(q, ClippedLinearQuantization)}))
+    assert [seen[e] for e in range(6)] == [{32}] * 3 + [{2}] * 3
+    assert model.fc1.weight.unique().numel() <= 4
+
+
+# --- stochastic precision ----------------------------------------------------------------------------
+
+PLAIN_QAT = """
+quantizers:
+  quantizer:
+    class: DCQQuantizer
+    weight_mode: dorefa
+    bits_weights: 2
+    bits_activations: 2
+policies:
+  - quantizer:
+      instance_name: quantizer
+    starting_epoch: 0
+    ending_epoch: 1000
+    frequency: 1
+"""
+STOCHASTIC = PLAIN_QAT.replace("policies:", """extensions:
+  stochastic:
+    class: StochasticPrecisionPolicy
+    start_probability: START
+    full_at: 1.0
+policies:""") + """  - extension:
+      instance_name: stochastic
+    starting_epoch: 0
+    ending_epoch: 2
+    frequency: 1
+"""
+
+
+def test_stochastic_precision_at_p_one_is_plain_qat_bit_for_bit(tmp_path, monkeypatch):
+    runs = {}
+    for name, text in (("plain", PLAIN_QAT), ("p=1", STOCHASTIC.replace("START", "1.0"))):
+        model, optimizer, scheduler = build(None, text=text, tmp_path=tmp_path)
+        train_epochs(model, optimizer, scheduler, range(2), monkeypatch)
+        runs[name] = model.state_dict()
+    assert runs["plain"].keys() == runs["p=1"].keys()
+    assert all(torch.equal(runs["plain"][k], runs["p=1"][k]) for k in runs["plain"])
+
+
+def test_stochastic_precision_runs_some_units_in_full_precision_and_evaluates_all_quantized(tmp_path, monkeypatch):
+    model, optimizer, scheduler = build(None, text=STOCHASTIC.replace("START", "0.0"), tmp_path=tmp_path)
+    fp_steps = []
+    model.fc1.register_forward_pre_hook(lambda m, inputs: fp_steps.append(torch.equal(m.weight, m.float_weight))
+                                        if m.training else None)
+    train_epochs(model, optimizer, scheduler, range(2), monkeypatch, batches=8)
+    policy = policy_of(scheduler, StochasticPrecisionPolicy)
+    assert [u.name for u in policy.units] == ["conv1", "conv2", "fc1", "fc2"]
+    assert any(fp_steps) and not all(fp_steps)  # p rose from 0 to 1 over the 16 steps
+    assert not fp_steps[-1]
+    assert all(q.num_bits == 2 for q in model.modules() if isinstance(q, ClippedLinearQuantization))
+    assert all(m.weight.unique().numel() <= 4 for m in (model.conv1, model.conv2, model.fc1, model.fc2))
+
+
+# --- joint knowledge distillation -------------------------------------------------------------------
+
+def test_joint_kd_trains_its_fp_partner_and_saves_only_the_low_bit_network(tmp_path, monkeypatch):
+    model, optimizer, scheduler = build(SCHEDULES / "simplenet_mnist_jointkd_w2a2.yaml")
+    policy = policy_of(scheduler, JointKDPolicy)
+    partner_before = float_weights(policy.partner)
+    train_epochs(model, optimizer, scheduler, range(1), monkeypatch)
+    plain, plain_optimizer, plain_scheduler = build(None, text=PLAIN_QAT, tmp_path=tmp_path)
+    train_epochs(plain, plain_optimizer, plain_scheduler, range(1), monkeypatch)
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
+    partner_params = {id(p) for p in policy.partner.parameters()}
+    assert not any(id(p) in partner_params for group in optimizer.param_groups for p in group["params"])
+    assert all(not torch.equal(partner_before[k], v) for k, v in float_weights(policy.partner).items())
+    assert not any(isinstance(m, ClippedLinearQuantization) for m in policy.partner.modules())  # FP partner
+
+
+def test_a_resumed_joint_kd_run_continues_with_the_saved_partner(monkeypatch):
+    model, optimizer, scheduler = build(SCHEDULES / "simplenet_mnist_jointkd_binary.yaml")
+    train_epochs(model, optimizer, scheduler, range(1), monkeypatch)
+    saved = scheduler.state_dict()["distiller_dcq_policies"]["joint_kd"]
+    for _ in range(2):  # a resumed run, and a run resumed from it
+        setattr(model, RESUMED_POLICY_STATES, {"joint_kd": saved})
+        resumed = JointKDPolicy(model)
+        assert all(torch.equal(saved["partner"][k], v) for k, v in resumed.partner.state_dict().items())
+        assert resumed.optimizer.state_dict()["state"].keys() == saved["optimizer"]["state"].keys()
+        saved = resumed.checkpoint_state()
+
+
+# --- through compress_classifier ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["simplenet_mnist_speq_w2a2.yaml", "simplenet_mnist_progressive_w2a2.yaml",
+                                      "simplenet_mnist_stochastic_w2a2.yaml", "simplenet_mnist_jointkd_binary.yaml"])
+def test_each_relative_trains_through_compress_classifier(tmp_path, schedule):
+    rc, log = run_compress_classifier(tmp_path, "--epochs", "1", "--compress", SCHEDULES / schedule,
+                                      "--exp-load-weights-from", LENET_TEACHER, train_size="0.01")
+    assert rc == 0, log[-3000:]
+    assert "==> Top1" in log.split("--- test ---")[1]
+    expected = {"speq": "SPEQ cosine", "progressive": "starts a stage of 2 epoch(s): weights 8 bits, activations 8",
+                "stochastic": "stochastic precision stochastic_precision: 4 units: conv1, conv2, fc1, fc2",
+                "jointkd": "joint KD partner loss"}
+    assert expected[schedule.split("_")[2]] in log, log[-3000:]
