@@ -12,7 +12,8 @@ distiller = import_distiller()
 from distiller.models import create_model  # noqa: E402
 from distiller.quantization.clipped_linear import ClippedLinearQuantization  # noqa: E402
 
-from distiller_dcq.adapter import JointKDPolicy, SPEQPolicy, StochasticPrecisionPolicy  # noqa: E402
+from distiller_dcq.adapter import (AuxiliaryModulePolicy, JointKDPolicy, SPEQPolicy,  # noqa: E402
+                                   StochasticPrecisionPolicy)
 from distiller_dcq.adapter.compat import RESUMED_POLICY_STATES  # noqa: E402
 from distiller_dcq.engine import DorefaWeights  # noqa: E402
 from distiller_dcq.engine.losses import cosine_loss  # noqa: E402
@@ -231,10 +232,45 @@ def test_a_resumed_joint_kd_run_continues_with_the_saved_partner(monkeypatch):
         saved = resumed.checkpoint_state()
 
 
+# --- full-precision auxiliary module ----------------------------------------------------------------
+
+def test_the_auxiliary_module_taps_blocks_changes_no_output_and_leaves_nothing_in_the_saved_network(
+        tmp_path, monkeypatch):
+    model, optimizer, scheduler = build(SCHEDULES / "resnet20_cifar_auxiliary_binary.yaml", arch="resnet20_cifar")
+    policy = policy_of(scheduler, AuxiliaryModulePolicy)
+    assert policy.taps == ["conv1"] + [f"layer{i}.{j}" for i in (1, 2, 3) for j in range(3)]
+    aux_before = {k: v.clone() for k, v in policy.module.state_dict().items()}
+    train_epochs(model, optimizer, scheduler, range(2), monkeypatch)
+    assert any(not torch.equal(aux_before[k], v) for k, v in policy.module.state_dict().items())  # it trained
+    assert policy.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 0.8)  # the model's in epoch 1
+    x = torch.randn(4, 3, 32, 32)
+    model.train()
+    with_module = model(x)
+    for m in model.modules():  # remove the module: its hooks
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+    assert torch.equal(with_module, model(x))
+    plain_text = (SCHEDULES / "resnet20_cifar_auxiliary_binary.yaml").read_text().split("\nextensions:")[0] + """
+policies:
+  - quantizer:
+      instance_name: quantizer
+    starting_epoch: 0
+    ending_epoch: 1000
+    frequency: 1
+"""
+    plain, plain_optimizer, plain_scheduler = build(None, "resnet20_cifar", plain_text, tmp_path)
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
+    assert len(optimizer.param_groups) == len(plain_optimizer.param_groups)
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(
+        p.numel() for g in plain_optimizer.param_groups for p in g["params"])
+
+
 # --- through compress_classifier ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("schedule", ["simplenet_mnist_speq_w2a2.yaml", "simplenet_mnist_progressive_w2a2.yaml",
-                                      "simplenet_mnist_stochastic_w2a2.yaml", "simplenet_mnist_jointkd_binary.yaml"])
+                                      "simplenet_mnist_stochastic_w2a2.yaml", "simplenet_mnist_jointkd_binary.yaml",
+                                      "simplenet_mnist_auxiliary_binary.yaml"])
 def test_each_relative_trains_through_compress_classifier(tmp_path, schedule):
     rc, log = run_compress_classifier(tmp_path, "--epochs", "1", "--compress", SCHEDULES / schedule,
                                       "--exp-load-weights-from", LENET_TEACHER, train_size="0.01")
@@ -242,5 +278,5 @@ def test_each_relative_trains_through_compress_classifier(tmp_path, schedule):
     assert "==> Top1" in log.split("--- test ---")[1]
     expected = {"speq": "SPEQ cosine", "progressive": "starts a stage of 2 epoch(s): weights 8 bits, activations 8",
                 "stochastic": "stochastic precision stochastic_precision: 4 units: conv1, conv2, fc1, fc2",
-                "jointkd": "joint KD partner loss"}
+                "jointkd": "joint KD partner loss", "auxiliary": "auxiliary module CE"}
     assert expected[schedule.split("_")[2]] in log, log[-3000:]

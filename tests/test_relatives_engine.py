@@ -110,3 +110,17 @@ def test_in_joint_kd_neither_loss_reaches_the_other_model():
     same = torch.randn(4, 10)
     loss, _ = mutual_distillation_losses(same, same.clone(), target, label_weight=0.0)
     assert loss.abs().item() < 1e-6  # no KL between equal logits
+
+
+def test_the_auxiliary_module_sums_adapted_feature_maps_and_trains_the_network_under_it():
+    from distiller_dcq.engine.cotraining import AuxiliaryModule
+    module = AuxiliaryModule([(4, 16, 16), (4, 16, 16), (8, 8, 8)], num_classes=10)
+    assert isinstance(module.transitions[1], nn.Identity) and module.transitions[2][0].stride == (2, 2)
+    features = [torch.randn(2, 4, 16, 16, requires_grad=True), torch.randn(2, 4, 16, 16, requires_grad=True),
+                torch.randn(2, 8, 8, 8, requires_grad=True)]
+    logits = module(features)
+    assert logits.shape == (2, 10)
+    logits.sum().backward()
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in features)
+    with pytest.raises(ValueError, match="integer stride"):
+        AuxiliaryModule([(4, 16, 16), (4, 6, 6)], num_classes=10)

@@ -11,10 +11,11 @@ from .compat import (patch_checkpoint_loading, patch_class_name_errors, patch_cr
 from .datasets import patch_cifar10_image_folders, patch_subset_dirs, register_svhn
 from .policy import SectionalKDPolicy
 from .quantizer import DCQQuantizer
-from .relatives import JointKDPolicy, ProgressivePrecisionPolicy, SPEQPolicy, StochasticPrecisionPolicy
+from .relatives import (AuxiliaryModulePolicy, JointKDPolicy, ProgressivePrecisionPolicy, SPEQPolicy,
+                        StochasticPrecisionPolicy)
 
 YAML_CLASSES = (DCQQuantizer, SectionalKDPolicy, SPEQPolicy, ProgressivePrecisionPolicy, StochasticPrecisionPolicy,
-                JointKDPolicy)
+                JointKDPolicy, AuxiliaryModulePolicy)
 
 
 def register(distiller):
@@ -52,4 +53,4 @@ def _patch_image_classifier(image_classifier):
 register(sys.modules["distiller"])  # when this module was imported before Distiller (the hook waited for it)
 
 __all__ = ["DCQQuantizer", "SectionalKDPolicy", "SPEQPolicy", "ProgressivePrecisionPolicy", "StochasticPrecisionPolicy",
-           "JointKDPolicy", "register", "YAML_CLASSES"]
+           "JointKDPolicy", "AuxiliaryModulePolicy", "register", "YAML_CLASSES"]

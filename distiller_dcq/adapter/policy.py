@@ -66,7 +66,7 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
         self.recalibrate_bn, self._last_epoch, self._pending_recalibration = recalibrate_bn, None, None
         resumed = getattr(model, RESUMED_POLICY_STATES, {}).get(name)
         teacher_model = fp_teacher(model, name, teacher, resumed)
-        example_input = torch.zeros(_input_shape(model), device=next(model.parameters()).device)
+        example_input = torch.zeros(input_shape(model), device=next(model.parameters()).device)
         self.wiring = SectionWiring(model, teacher_model, boundaries, num_sections=num_sections,
                                     example_input=example_input, loss=loss, temperature=temperature,
                                     section_inputs=MODES[mode], keep_inputs=recalibrate_bn)
@@ -196,7 +196,7 @@ def fp_teacher(model, name, path, resumed):
     return teacher
 
 
-def _input_shape(model):
+def input_shape(model):
     inner = getattr(model, "module", model)
     shape = getattr(model, "input_shape", None) or getattr(inner, "input_shape", None)
     if shape is None:

@@ -6,6 +6,8 @@ precision, declared under ``extensions:`` and scheduled under ``policies:`` afte
 - ``StochasticPrecisionPolicy``: units quantized at random, ever more often (same paper).
 - ``JointKDPolicy``: an FP partner trained beside the low-bit model, each distilled from the other
   (same paper, the authors' "guided training").
+- ``AuxiliaryModulePolicy``: an FP side path with its own classifier on the low-bit network's
+  feature maps, trained with it and discarded (Zhuang et al., CVPR 2020).
 
 Their engine parts are ``distiller_dcq.engine.precision`` and ``distiller_dcq.engine.cotraining``.
 """
@@ -13,17 +15,19 @@ import contextlib
 import logging
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from distiller.policy import LossComponent, PolicyLoss, ScheduledTrainingPolicy
 from distiller.quantization.clipped_linear import ClippedLinearQuantization
 from distiller.quantization.q_utils import asymmetric_linear_quantization_params
 from distiller.quantization.quantizer import FP_BKP_PREFIX
 
-from ..engine.cotraining import mutual_distillation_losses
+from ..engine.cotraining import AuxiliaryModule, mutual_distillation_losses
 from ..engine.losses import cosine_loss
 from ..engine.precision import (PrecisionStages, batchnorm_statistics_kept, draw_high_precision, precision_units,
                                 rising_probability)
 from .compat import RESUMED_POLICY_STATES, criterion_inputs, criterion_loss
-from .policy import fp_teacher
+from .policy import fp_teacher, input_shape
 from .quantizer import quantizer_of
 
 msglogger = logging.getLogger()
@@ -298,3 +302,98 @@ class JointKDPolicy(ScheduledTrainingPolicy):
         # low_loss holds the labels' cross-entropy itself: it replaces the criterion's
         return PolicyLoss(_with_criterion(loss, 0.0, low_loss), [LossComponent("joint KD low-bit loss", low_loss),
                                                                LossComponent("joint KD partner loss", fp_loss.detach())])
+
+
+class AuxiliaryModulePolicy(ScheduledTrainingPolicy):
+    """The full-precision auxiliary module (Zhuang, Liu, Tan, Shen, Reid, "Training Quantized Neural
+    Networks with a Full-precision Auxiliary Module", CVPR 2020): an FP side path
+    (``distiller_dcq.engine.cotraining.AuxiliaryModule``) reads feature maps of the low-bit network
+    through forward hooks, never changing them, and ends in its own classifier; the loss is the
+    network's cross-entropy plus ``aux_weight`` x the auxiliary classifier's, one backward pass. The
+    module's SGD follows the model optimizer's learning rate, momentum and weight decay at every step;
+    it is kept apart from the model and its optimizer, so the saved network is the low-bit one alone.
+
+    Args (YAML keys):
+        taps: module names whose outputs (4-D feature maps) feed the side path, in forward order;
+            default: every outermost module with weights that is not a plain container and gives a
+            feature map (a ResNet's stem conv and residual blocks, a plain net's conv layers).
+        aux_weight: weight of the auxiliary cross-entropy (default 1).
+    """
+
+    def __init__(self, model, name="auxiliary", taps=None, aux_weight=1.0):
+        super().__init__()
+        self.name, self.aux_weight = name, float(aux_weight)
+        modules = dict(model.named_modules())
+        candidates = taps or [u.name for u in precision_units(model, lambda m: isinstance(m, (nn.Conv2d, nn.Linear)),
+                                                               lambda m: False)]
+        unknown = [t for t in candidates if t not in modules]
+        if unknown:
+            raise ValueError(f"auxiliary module {name!r}: the model has no module named {', '.join(unknown)}")
+        shapes, logits = _output_shapes(model, [modules[t] for t in candidates])
+        flat = [t for t, s in zip(candidates, shapes) if len(s) != 3]
+        if taps and flat:
+            raise ValueError(f"auxiliary module {name!r}: taps must give feature maps (N, C, H, W); {', '.join(flat)} "
+                             f"do(es) not")
+        self.taps = [t for t, s in zip(candidates, shapes) if len(s) == 3]
+        if not self.taps:
+            raise ValueError(f"auxiliary module {name!r}: no module of the model gives a feature map to tap")
+        self.module = AuxiliaryModule([s for s in shapes if len(s) == 3], logits[-1])
+        self.module.to(next(model.parameters()).device)
+        self._resumed = getattr(model, RESUMED_POLICY_STATES, {}).get(name)
+        if self._resumed:
+            self.module.load_state_dict(self._resumed["module"])
+        self.optimizer, self._features = None, []
+        model.register_forward_pre_hook(lambda module, inputs: self._features.clear())
+        for tap in self.taps:
+            modules[tap].register_forward_hook(self._record)
+        msglogger.info("auxiliary module %s: taps %s", name, ", ".join(self.taps))
+
+    def _record(self, module, inputs, output):
+        if module.training:
+            self._features.append(output.clone())  # later in-place activations must not change what it read
+
+    def checkpoint_state(self):
+        """The module and its optimizer, for a resumed run (saved with the scheduler's state)."""
+        return {"module": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None}
+
+    def before_backward_pass(self, model, epoch, minibatch_id, minibatches_per_epoch, loss, zeros_mask_dict,
+                             optimizer=None):
+        _, target = criterion_inputs(f"auxiliary module {self.name!r}")
+        if len(self._features) != len(self.taps):
+            raise RuntimeError(f"auxiliary module {self.name!r} read {len(self._features)} of its {len(self.taps)} "
+                               f"taps in this forward pass: each tapped module must run once per forward")
+        self.module.train(model.training)
+        aux = F.cross_entropy(self.module(self._features), target)
+        return PolicyLoss(loss + self.aux_weight * aux, [LossComponent("auxiliary module CE", aux)])
+
+    def before_parameter_optimization(self, model, epoch, minibatch_id, minibatches_per_epoch, zeros_mask_dict, meta,
+                                      optimizer):
+        group = optimizer.param_groups[0]
+        if self.optimizer is None:
+            self.optimizer = torch.optim.SGD(self.module.parameters(), lr=group["lr"],
+                                             momentum=group.get("momentum", 0), weight_decay=group.get("weight_decay", 0))
+            if self._resumed and self._resumed["optimizer"] is not None:
+                self.optimizer.load_state_dict(self._resumed["optimizer"])
+        for own in self.optimizer.param_groups:
+            own.update(lr=group["lr"], momentum=group.get("momentum", 0), weight_decay=group.get("weight_decay", 0))
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+
+def _output_shapes(model, modules):
+    """The per-sample output shape of each of ``modules`` and of ``model`` (last) on a zero input."""
+    shapes, hooks = [], [m.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape[1:]))) for m in modules]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            logits = model(torch.zeros(input_shape(model), device=next(model.parameters()).device))
+    finally:
+        model.train(training)
+        for h in hooks:
+            h.remove()
+    if len(shapes) != len(modules):
+        raise ValueError(f"the auxiliary module's taps ran {len(shapes)} times for {len(modules)} taps: each must run "
+                         f"once per forward")
+    return shapes, tuple(logits.shape[1:])
