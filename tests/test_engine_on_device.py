@@ -179,3 +179,27 @@ def test_a_dataparallel_wrapped_student_gives_the_unwrapped_cpu_results(device):
     if device.type == "cpu" and torch.cuda.is_available():
         pytest.skip("with a GPU, DataParallel moves a CPU module onto it: the cuda variant covers this")
     assert_same_training(dcq_steps(device, wrap=True), dcq_steps(torch.device("cpu")))
+
+
+# --- DCQ's relatives -------------------------------------------------------------------------------
+
+def test_the_relatives_engine_parts_run_on_the_device_and_match_the_cpu(device):
+    from distiller_dcq.engine.cotraining import AuxiliaryModule, mutual_distillation_losses
+    from distiller_dcq.engine.precision import batchnorm_statistics_kept
+    generator = torch.Generator().manual_seed(0)
+    features = [torch.randn(4, 8, 8, 8, generator=generator), torch.randn(4, 16, 4, 4, generator=generator)]
+    low, fp, target = torch.randn(4, 10, generator=generator), torch.randn(4, 10, generator=generator), torch.arange(4)
+    results = []
+    for dev in (torch.device("cpu"), device):
+        torch.manual_seed(0)
+        module = AuxiliaryModule([(8, 8, 8), (16, 4, 4)], num_classes=10).to(dev)
+        feats = [f.to(dev).requires_grad_(True) for f in features]
+        with batchnorm_statistics_kept(module):
+            module(feats)  # a pass that must leave the statistics as they were
+        logits = module(feats)
+        losses = mutual_distillation_losses(low.to(dev), fp.to(dev), target.to(dev))
+        logits.sum().backward()
+        assert logits.device.type == dev.type
+        results.append((logits, feats[0].grad, *losses, module.adaptors[0][1].running_mean))
+    for cpu, dev in zip(*results):
+        close(dev, cpu)
