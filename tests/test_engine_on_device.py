@@ -196,6 +196,8 @@ def test_the_relatives_engine_parts_run_on_the_device_and_match_the_cpu(device):
         feats = [f.to(dev).requires_grad_(True) for f in features]
         with batchnorm_statistics_kept(module):
             module(feats)  # a pass that must leave the statistics as they were
+        assert all(torch.equal(m.running_mean, torch.zeros_like(m.running_mean)) for m in module.modules()
+                   if isinstance(m, nn.BatchNorm2d))
         logits = module(feats)
         losses = mutual_distillation_losses(low.to(dev), fp.to(dev), target.to(dev))
         logits.sum().backward()

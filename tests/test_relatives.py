@@ -109,10 +109,13 @@ def test_the_speq_teacher_pass_moves_no_batchnorm_statistic_and_carries_no_gradi
     assert not logits.requires_grad
 
 
-def test_speq_without_quantized_activations_is_refused(tmp_path):
-    text = (SCHEDULES / "simplenet_mnist_speq_w2a2.yaml").read_text().replace("bits_activations: 2", "bits_activations: null")
+@pytest.mark.parametrize("change, message", [
+    (("bits_activations: 2", "bits_activations: null"), "SPEQ policy 'speq' needs quantized activations, and the model has none"),
+    (("high_bits: 8", "high_bits: 2"), "high_bits 2 is not above the activations' 2 bits")])
+def test_speq_without_a_higher_precision_teacher_is_refused(tmp_path, change, message):
+    text = (SCHEDULES / "simplenet_mnist_speq_w2a2.yaml").read_text().replace(*change)
     model, optimizer, scheduler = build(None, text=text, tmp_path=tmp_path)
-    with pytest.raises(ValueError, match="SPEQ policy 'speq' needs quantized activations, and the model has none"):
+    with pytest.raises(ValueError, match=message):
         scheduler.on_epoch_begin(0)
 
 
@@ -139,6 +142,15 @@ def test_progressive_stages_lower_the_bits_and_hand_over_the_weights_bit_exactly
     for epoch in (1, 3, 5):  # a new stage starts from the FP weights the last one left, bit for bit
         assert all(torch.equal(ends[epoch - 1][k], begins[epoch][k]) for k in ends[epoch - 1])
     assert all(not torch.equal(ends[1][k], ends[5][k]) for k in ends[1] if "weight" in k)  # and they train on
+
+
+def test_a_progressive_run_must_end_at_the_quantizers_precision(tmp_path):
+    text = (SCHEDULES / "simplenet_mnist_progressive_w2a2.yaml").read_text().replace(
+        "{epochs: 2, bits_weights: 2, bits_activations: 2}", "{epochs: 2, bits_weights: 2, bits_activations: 4}")
+    model, optimizer, scheduler = build(None, text=text, tmp_path=tmp_path)
+    with pytest.raises(ValueError, match="the last stage trains weights at 2 bits and activations at 4, but the "
+                                         "quantizer \\(and the saved network\\) says 2 and 2"):
+        scheduler.on_epoch_begin(0)
 
 
 def test_weights_first_keeps_activations_full_precision_then_quantizes_them(monkeypatch):
@@ -170,7 +182,7 @@ STOCHASTIC = PLAIN_QAT.replace("policies:", """extensions:
   stochastic:
     class: StochasticPrecisionPolicy
     start_probability: START
-    full_at: 1.0
+    full_at: 0.5
 policies:""") + """  - extension:
       instance_name: stochastic
     starting_epoch: 0
@@ -191,16 +203,37 @@ def test_stochastic_precision_at_p_one_is_plain_qat_bit_for_bit(tmp_path, monkey
 
 def test_stochastic_precision_runs_some_units_in_full_precision_and_evaluates_all_quantized(tmp_path, monkeypatch):
     model, optimizer, scheduler = build(None, text=STOCHASTIC.replace("START", "0.0"), tmp_path=tmp_path)
-    fp_steps = []
-    model.fc1.register_forward_pre_hook(lambda m, inputs: fp_steps.append(torch.equal(m.weight, m.float_weight))
-                                        if m.training else None)
+    fp_steps, unrounded = [], []
+
+    def record(m, inputs):
+        if m.training:
+            fp = m.weight.unique().numel() > 4
+            fp_steps.append(fp)
+            if fp:  # the FP weights as DoReFa maps them, unrounded: on the quantized weights' scale
+                unrounded.append(torch.allclose(m.weight, torch.tanh(m.float_weight) / torch.tanh(m.float_weight).abs().max()))
+    model.fc1.register_forward_pre_hook(record)
     train_epochs(model, optimizer, scheduler, range(2), monkeypatch, batches=8)
     policy = policy_of(scheduler, StochasticPrecisionPolicy)
     assert [u.name for u in policy.units] == ["conv1", "conv2", "fc1", "fc2"]
-    assert any(fp_steps) and not all(fp_steps)  # p rose from 0 to 1 over the 16 steps
-    assert not fp_steps[-1]
+    assert any(fp_steps[:8]) and not any(fp_steps[8:])  # p rises from 0 to 1 at half of the 16 steps
+    assert unrounded and all(unrounded)
     assert all(q.num_bits == 2 for q in model.modules() if isinstance(q, ClippedLinearQuantization))
     assert all(m.weight.unique().numel() <= 4 for m in (model.conv1, model.conv2, model.fc1, model.fc2))
+
+
+def test_under_dataparallel_the_units_and_taps_are_the_networks_own(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.DataParallel(create_model(False, "cifar10", "resnet20_cifar", parallel=False, device_ids=-1))
+    model.src_device_obj = torch.device("cpu")  # what DataParallel has on a GPU machine, where Distiller reads it
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    text = STOCHASTIC.replace("START", "0.5")
+    (tmp_path / "s.yaml").write_text(text)
+    scheduler = distiller.file_config(model, optimizer, str(tmp_path / "s.yaml"))
+    scheduler.on_epoch_begin(0)
+    units = [u.name for u in policy_of(scheduler, StochasticPrecisionPolicy).units]
+    assert units == ["conv1"] + [f"layer{i}.{j}" for i in (1, 2, 3) for j in range(3)] + ["fc"]
+    plain = create_model(False, "cifar10", "resnet20_cifar", parallel=False, device_ids=-1)
+    assert AuxiliaryModulePolicy(torch.nn.DataParallel(plain)).taps == units[:-1]
 
 
 # --- joint knowledge distillation -------------------------------------------------------------------
@@ -272,11 +305,19 @@ policies:
                                       "simplenet_mnist_stochastic_w2a2.yaml", "simplenet_mnist_jointkd_binary.yaml",
                                       "simplenet_mnist_auxiliary_binary.yaml"])
 def test_each_relative_trains_through_compress_classifier(tmp_path, schedule):
-    rc, log = run_compress_classifier(tmp_path, "--epochs", "1", "--compress", SCHEDULES / schedule,
-                                      "--exp-load-weights-from", LENET_TEACHER, train_size="0.01")
+    epochs = "6" if "progressive" in schedule else "1"  # a progressive run must finish its stages
+    rc, log = run_compress_classifier(tmp_path, "--epochs", epochs, "--compress", SCHEDULES / schedule,
+                                      "--exp-load-weights-from", LENET_TEACHER, train_size="0.005")
     assert rc == 0, log[-3000:]
     assert "==> Top1" in log.split("--- test ---")[1]
     expected = {"speq": "SPEQ cosine", "progressive": "starts a stage of 2 epoch(s): weights 8 bits, activations 8",
                 "stochastic": "stochastic precision stochastic_precision: 4 units: conv1, conv2, fc1, fc2",
                 "jointkd": "joint KD partner loss", "auxiliary": "auxiliary module CE"}
     assert expected[schedule.split("_")[2]] in log, log[-3000:]
+
+
+def test_a_progressive_run_that_stops_before_its_last_stage_is_refused_before_training(tmp_path):
+    rc, log = run_compress_classifier(tmp_path, "--epochs", "3", "--compress", SCHEDULES / "simplenet_mnist_progressive_w2a2.yaml",
+                                      "--exp-load-weights-from", LENET_TEACHER, train_size="0.005")
+    assert rc != 0 and "policy 'progressive' runs over epochs 0-5, but training stops after epoch 2" in log, log[-2000:]
+    assert "Training epoch" not in log

@@ -382,7 +382,8 @@ def patch_class_name_errors(config_module):
 def patch_policy_windows(image_classifier, policy_cls):
     """After compress_classifier builds its scheduler, refuse a DCQ policy whose epoch window starts
     after the last training epoch (it would silently never run); one that ends after it is allowed
-    (the run stops mid-stage, to be resumed) and logged."""
+    (the run stops mid-stage, to be resumed) and logged. A policy marked ``must_finish_window``
+    (progressive quantization) must end within the run."""
     if _is_patched(image_classifier._init_learner):
         return
     original = image_classifier._init_learner
@@ -391,9 +392,13 @@ def patch_policy_windows(image_classifier, policy_cls):
     def _init_learner(args):
         model, scheduler, optimizer, start_epoch, ending_epoch = original(args)
         for policy, meta in (scheduler.sched_metadata.items() if scheduler else []):
+            window = f"epochs {meta['starting_epoch']}-{meta['ending_epoch'] - 1}"
+            if getattr(policy, "must_finish_window", False) and meta["ending_epoch"] > ending_epoch:
+                raise ValueError(f"policy {policy.name!r} runs over {window}, but training stops after epoch "
+                                 f"{ending_epoch - 1} (--epochs {ending_epoch}): the network would be tested before "
+                                 f"its window ends; train for {meta['ending_epoch']} epochs, or shorten the window")
             if not isinstance(policy, policy_cls):
                 continue
-            window = f"epochs {meta['starting_epoch']}-{meta['ending_epoch'] - 1}"
             if meta["starting_epoch"] >= ending_epoch:
                 raise ValueError(f"DCQ policy {policy.name!r} is scheduled for {window}, but training stops after "
                                  f"epoch {ending_epoch - 1} (--epochs {ending_epoch}): it would never run; start its "

@@ -177,15 +177,15 @@ def _is_quantized(model):
     return any(n.rsplit(".", 1)[-1].startswith(FP_BKP_PREFIX) for n, _ in model.named_parameters())
 
 
-def fp_teacher(model, name, path, resumed):
+def fp_teacher(model, name, path, resumed, key="teacher"):
     """The FP teacher: the model itself as it stands (a fresh run), else a new FP instance of its
     architecture with the weights of ``path`` or of the resumed checkpoint."""
     if not _is_quantized(model):
         teacher = copy.deepcopy(model)
     elif path is None and resumed is None:
-        raise ValueError(f"DCQ policy {name!r}: the model is already quantized (resumed from a checkpoint made "
+        raise ValueError(f"policy {name!r}: the model is already quantized (resumed from a checkpoint made "
                          f"without this policy?) and nothing says what the FP teacher was: name the FP checkpoint "
-                         f"in the YAML (teacher: path/to/fp.pth.tar)")
+                         f"in the YAML ({key}: path/to/fp.pth.tar)")
     else:
         # looked up at call time: datasets.py routes create_model for the networks it adds (SVHN)
         teacher = distiller.models.create_model(False, model.dataset, model.arch, parallel=False, device_ids=-1)

@@ -58,10 +58,13 @@ class DCQQuantizer(DorefaQuantizer):
             return make_weight_quantizer(weight_mode, bits=bits_weights, scale=scale)
         return make_weight_quantizer(weight_mode, scale=scale)
 
-    def _quantize_param(self, param_fp, param_meta):
-        bits = param_meta.num_bits
+    def weight_quantizer_for(self, bits):
+        """The weight quantizer of ``bits``-bit parameters: the main one, or binary / k-bit DoReFa."""
         if bits not in self._by_bits:
             kind = "binary" if bits == 1 else "dorefa"
             scale = self.scale or DEFAULT_SCALE[kind]
             self._by_bits[bits] = BinaryWeights(scale) if bits == 1 else DorefaWeights(bits, scale)
-        return self._by_bits[bits](param_fp)
+        return self._by_bits[bits]
+
+    def _quantize_param(self, param_fp, param_meta):
+        return self.weight_quantizer_for(param_meta.num_bits)(param_fp)

@@ -65,22 +65,33 @@ def _has_quantized_weights(module):
     return hasattr(module, FP_BKP_PREFIX + "weight")
 
 
-def _use_fp_weights(module):
-    """Until the quantizer re-quantizes them (after the step), ``module`` computes with its FP weights."""
-    for name in ("weight", "bias"):
-        if hasattr(module, FP_BKP_PREFIX + name):
-            setattr(module, name, getattr(module, FP_BKP_PREFIX + name).view_as(getattr(module, name)))
+def _inner(model):
+    """The network inside DataParallel (whose only child is ``module``)."""
+    return getattr(model, "module", model)
+
+
+def _dcq_quantizer(model, policy):
+    quantizer = quantizer_of(model)
+    if quantizer is None:
+        raise ValueError(f"{policy} works with DCQQuantizer (for Distiller's DoReFa weights: weight_mode dorefa): "
+                         f"declare the quantizer as class: DCQQuantizer")
+    return quantizer
+
+
+def _training_pass(module):
+    """A forward that trains the model: in training mode, with gradients (not a teacher's pass)."""
+    return module.training and torch.is_grad_enabled()
 
 
 class _LastInput:
-    """Keeps the input of the model's last forward pass in training (not of passes while paused)."""
+    """Keeps the input of the model's last training forward pass (not of passes while paused)."""
 
     def __init__(self, model):
         self.value, self._paused = None, False
         model.register_forward_pre_hook(self._record)
 
     def _record(self, module, inputs):
-        if module.training and not self._paused:
+        if _training_pass(module) and not self._paused:
             self.value = inputs[0]
 
     @contextlib.contextmanager
@@ -138,6 +149,10 @@ class SPEQPolicy(ScheduledTrainingPolicy):
     def on_epoch_begin(self, model, zeros_mask_dict, meta, **kwargs):
         if self.quantizers is None:
             self.quantizers = _needs_quantized_activations(model, f"SPEQ policy {self.name!r}")
+            low = max(q.num_bits for q in self.quantizers)
+            if self.high_bits <= low:
+                raise ValueError(f"SPEQ policy {self.name!r}: high_bits {self.high_bits} is not above the activations' "
+                                 f"{low} bits: the teacher must have the higher precision")
             msglogger.info("SPEQ %s: teacher = the student with each of its %d activation quantizers at %d bits with "
                            "probability %g", self.name, len(self.quantizers), self.high_bits, self.u)
 
@@ -171,26 +186,37 @@ class ProgressivePrecisionPolicy(ScheduledTrainingPolicy):
             keeps the quantizer's, ``bits_activations`` null is full precision; the epochs fill the window.
     """
 
+    must_finish_window = True  # a run that stops mid-way would test an earlier stage's precision
+
     def __init__(self, model, stages, name="progressive"):
         super().__init__()
-        self.name, self.stages, self._current = name, PrecisionStages(stages), None
+        self.name, self.stages, self._current, self._main_weights = name, PrecisionStages(stages), None, None
+
+    def _check_last_stage(self, quantizer):
+        last, main = self.stages.stages[-1], quantizer.weight_quantizer.bits
+        activations = quantizer.default_qbits.acts
+        if (last.bits_weights or main) != main or last.bits_activations != activations:
+            raise ValueError(f"progressive policy {self.name!r}: the last stage trains weights at "
+                             f"{last.bits_weights or main} bits and activations at {last.bits_activations or 'FP'}, but "
+                             f"the quantizer (and the saved network) says {main} and {activations or 'FP'}: end with the "
+                             f"quantizer's precision")
 
     def on_epoch_begin(self, model, zeros_mask_dict, meta, **kwargs):
-        quantizer = quantizer_of(model)
-        if quantizer is None:
-            raise ValueError(f"progressive policy {self.name!r} sets the bits of DCQQuantizer's weights: declare the "
-                             f"quantizer as class: DCQQuantizer (weight_mode: dorefa for k-bit weights)")
+        quantizer = _dcq_quantizer(model, f"progressive policy {self.name!r}")
+        if self._main_weights is None:
+            self._check_last_stage(quantizer)
+            main = quantizer.weight_quantizer.bits  # layers overridden to other bits keep them
+            self._main_weights = [p for p in quantizer.params_to_quantize if p.q_attr_name == "weight" and p.num_bits == main]
         stage = self.stages.at(meta["current_epoch"] - meta["starting_epoch"],
                                meta["ending_epoch"] - meta["starting_epoch"])
-        if any(b is not None for b in (s.bits_activations for s in self.stages.stages)):
+        if any(s.bits_activations is not None for s in self.stages.stages):
             quantizers = _needs_quantized_activations(model, f"progressive policy {self.name!r}")
         else:
             quantizers = activation_quantizers(model)
         for q in quantizers:
             set_activation_bits(q, stage.bits_activations)
-        for param in quantizer.params_to_quantize:
-            if param.q_attr_name == "weight":
-                param.num_bits = stage.bits_weights or quantizer.weight_quantizer.bits
+        for param in self._main_weights:
+            param.num_bits = stage.bits_weights or quantizer.weight_quantizer.bits
         quantizer.quantize_params()  # the stage's first forward already sees its bits
         if stage is not self._current:
             self._current = stage
@@ -203,9 +229,10 @@ class StochasticPrecisionPolicy(ScheduledTrainingPolicy):
     """Stochastic precision (Zhuang et al., TPAMI 2022): at each training step every unit (a module
     holding quantized weights that is not a plain container: a ResNet's residual blocks, a plain
     net's layers, with the activation quantizers that follow them) is quantized with probability
-    p(t) and otherwise runs in full precision (FP weights, activations clipped but not rounded);
-    p rises linearly from ``start_probability`` to 1 at ``full_at`` of the window and stays there.
-    Evaluation always quantizes everything. Schedule it after the quantizer.
+    p(t) and otherwise runs in full precision (its FP weights mapped as the quantizer maps them, without
+    rounding, so on the quantized weights' scale; activations clipped but not rounded); p rises
+    linearly from ``start_probability`` to 1 at ``full_at`` of the window and stays there. Evaluation
+    always quantizes everything. Needs DCQQuantizer; schedule it after the quantizer.
 
     Args (YAML keys):
         start_probability: p at the window's first step (default 0.5).
@@ -216,12 +243,13 @@ class StochasticPrecisionPolicy(ScheduledTrainingPolicy):
         super().__init__()
         rising_probability(0, start_probability, full_at)  # checks the values
         self.name, self.start_probability, self.full_at = name, float(start_probability), float(full_at)
-        self.units, self._window, self._fp_activations = None, None, []
+        self.units, self.quantizer, self._window, self._fp_activations, self._restore = None, None, None, [], False
 
     def on_epoch_begin(self, model, zeros_mask_dict, meta, **kwargs):
         self._window = meta["starting_epoch"], meta["ending_epoch"]
+        self.quantizer = _dcq_quantizer(model, f"stochastic precision policy {self.name!r}")
         if self.units is None:
-            self.units = precision_units(model, _has_quantized_weights,
+            self.units = precision_units(_inner(model), _has_quantized_weights,
                                          lambda m: isinstance(m, ClippedLinearQuantization))
             if not self.units:
                 raise ValueError(f"stochastic precision policy {self.name!r} found no quantized weights: schedule "
@@ -240,19 +268,25 @@ class StochasticPrecisionPolicy(ScheduledTrainingPolicy):
         if p == 1:  # no draw: from here on, the run is plain QAT, random numbers included
             return
         quantized = draw_high_precision(len(self.units), p)
-        self._fp_activations = [(q, q.num_bits) for unit, keep in zip(self.units, quantized) if not keep
-                                for q in unit.activation_modules]
-        for unit, keep in zip(self.units, quantized):
-            if not keep:
-                for module in unit.weight_modules:
-                    _use_fp_weights(module)
+        fp_units = [unit for unit, keep in zip(self.units, quantized) if not keep]
+        fp_modules = {id(m) for unit in fp_units for m in unit.weight_modules}
+        for param in self.quantizer.params_to_quantize:
+            if id(param.module) in fp_modules:  # until the step's end, the unrounded weights
+                fp = getattr(param.module, param.fp_attr_name)
+                setattr(param.module, param.q_attr_name,
+                        self.quantizer.weight_quantizer_for(param.num_bits).unrounded(fp))
+        self._fp_activations = [(q, q.num_bits) for unit in fp_units for q in unit.activation_modules]
         for q, _ in self._fp_activations:
             set_activation_bits(q, None)
+        self._restore = bool(fp_units)
 
     def on_minibatch_end(self, model, epoch, minibatch_id, minibatches_per_epoch, zeros_mask_dict, optimizer):
-        for q, bits in self._fp_activations:  # the quantizer re-quantizes the weights itself
+        for q, bits in self._fp_activations:
             set_activation_bits(q, bits)
         self._fp_activations = []
+        if self._restore:  # whether or not the quantizer's own window still runs
+            self.quantizer.quantize_params()
+            self._restore = False
 
 
 class JointKDPolicy(ScheduledTrainingPolicy):
@@ -277,8 +311,11 @@ class JointKDPolicy(ScheduledTrainingPolicy):
         self.kd_weight, self.label_weight = float(kd_weight), float(label_weight)
         resumed = getattr(model, RESUMED_POLICY_STATES, {}).get(name)
         # made as DCQ's FP teacher is: the model as loaded, or the resumed run's partner
-        self.partner = fp_teacher(model, name, partner, resumed and {"teacher": resumed["partner"]})
+        self.partner = fp_teacher(model, name, partner, resumed and {"teacher": resumed["partner"]}, key="partner")
         self.partner.to(next(model.parameters()).device).train()
+        for m in self.partner.modules():  # a copy of the model carries the hooks other policies put on it
+            m._forward_hooks.clear()
+            m._forward_pre_hooks.clear()
         self.optimizer = torch.optim.SGD(self.partner.parameters(), lr=partner_lr, momentum=partner_momentum,
                                          weight_decay=partner_weight_decay)
         if resumed:
@@ -323,9 +360,13 @@ class AuxiliaryModulePolicy(ScheduledTrainingPolicy):
     def __init__(self, model, name="auxiliary", taps=None, aux_weight=1.0):
         super().__init__()
         self.name, self.aux_weight = name, float(aux_weight)
-        modules = dict(model.named_modules())
-        candidates = taps or [u.name for u in precision_units(model, lambda m: isinstance(m, (nn.Conv2d, nn.Linear)),
-                                                               lambda m: False)]
+        if isinstance(model, nn.DataParallel) and len(model.device_ids) > 1:
+            raise ValueError(f"auxiliary module {name!r} reads feature maps on one device: train on one GPU "
+                             f"(--gpus 0) or the CPU, not {len(model.device_ids)} GPUs")
+        modules = dict(_inner(model).named_modules())
+        candidates = [t[len("module."):] if t.startswith("module.") else t for t in taps or []] or [
+            u.name for u in precision_units(_inner(model), lambda m: isinstance(m, (nn.Conv2d, nn.Linear)),
+                                            lambda m: False)]
         unknown = [t for t in candidates if t not in modules]
         if unknown:
             raise ValueError(f"auxiliary module {name!r}: the model has no module named {', '.join(unknown)}")
@@ -343,13 +384,13 @@ class AuxiliaryModulePolicy(ScheduledTrainingPolicy):
         if self._resumed:
             self.module.load_state_dict(self._resumed["module"])
         self.optimizer, self._features = None, []
-        model.register_forward_pre_hook(lambda module, inputs: self._features.clear())
+        model.register_forward_pre_hook(lambda module, inputs: self._features.clear() if _training_pass(module) else None)
         for tap in self.taps:
             modules[tap].register_forward_hook(self._record)
         msglogger.info("auxiliary module %s: taps %s", name, ", ".join(self.taps))
 
     def _record(self, module, inputs, output):
-        if module.training:
+        if _training_pass(module):
             self._features.append(output.clone())  # later in-place activations must not change what it read
 
     def checkpoint_state(self):

@@ -51,13 +51,25 @@ class WeightQuantizer(nn.Module):
     def levels(self, w):
         raise NotImplementedError
 
+    def unrounded_levels(self, w):
+        """``w`` mapped onto the levels' range without rounding: by default w / mean|w|."""
+        return w / w.abs().mean().clamp_min(torch.finfo(w.dtype).tiny)
+
+    def _alpha(self, w, q):
+        with torch.no_grad():
+            return (w * q).sum() / (q * q).sum().clamp_min(torch.finfo(q.dtype).tiny)
+
     def forward(self, w):
         q = self.levels(w)
         if self.scale == "layer":
-            with torch.no_grad():
-                alpha = (w * q).sum() / (q * q).sum().clamp_min(torch.finfo(q.dtype).tiny)
-            q = q + ((alpha - 1) * q).detach()
+            q = q + ((self._alpha(w, q) - 1) * q).detach()
         return q
+
+    def unrounded(self, w):
+        """The FP counterpart of ``forward(w)``: the same mapping and scale, no rounding, so that a layer
+        left in full precision beside quantized ones (stochastic precision) keeps their scale."""
+        c = self.unrounded_levels(w)
+        return c * self._alpha(w, self.levels(w)) if self.scale == "layer" else c
 
     def extra_repr(self):
         return f"scale={self.scale}"
@@ -109,6 +121,10 @@ class DorefaWeights(WeightQuantizer):
         t = torch.tanh(w)
         t = t / (2 * t.abs().max()) + 0.5
         return 2 * _straight_through(t, torch.round(t * n) / n) - 1
+
+    def unrounded_levels(self, w):
+        t = torch.tanh(w)
+        return t / t.abs().max().clamp_min(torch.finfo(t.dtype).tiny)
 
     def extra_repr(self):
         return f"bits={self.bits}, scale={self.scale}"
