@@ -164,6 +164,13 @@ def test_weights_first_keeps_activations_full_precision_then_quantizes_them(monk
 
 # --- stochastic precision ----------------------------------------------------------------------------
 
+QUANTIZER_ONLY = """policies:
+  - quantizer:
+      instance_name: quantizer
+    starting_epoch: 0
+    ending_epoch: 1000
+    frequency: 1
+"""
 PLAIN_QAT = """
 quantizers:
   quantizer:
@@ -171,13 +178,7 @@ quantizers:
     weight_mode: dorefa
     bits_weights: 2
     bits_activations: 2
-policies:
-  - quantizer:
-      instance_name: quantizer
-    starting_epoch: 0
-    ending_epoch: 1000
-    frequency: 1
-"""
+""" + QUANTIZER_ONLY
 STOCHASTIC = PLAIN_QAT.replace("policies:", """extensions:
   stochastic:
     class: StochasticPrecisionPolicy
@@ -283,14 +284,8 @@ def test_the_auxiliary_module_taps_blocks_changes_no_output_and_leaves_nothing_i
         m._forward_hooks.clear()
         m._forward_pre_hooks.clear()
     assert torch.equal(with_module, model(x))
-    plain_text = (SCHEDULES / "resnet20_cifar_auxiliary_binary.yaml").read_text().split("\nextensions:")[0] + """
-policies:
-  - quantizer:
-      instance_name: quantizer
-    starting_epoch: 0
-    ending_epoch: 1000
-    frequency: 1
-"""
+    plain_text = (SCHEDULES / "resnet20_cifar_auxiliary_binary.yaml").read_text().split("\nextensions:")[0] + "\n" + \
+        QUANTIZER_ONLY
     plain, plain_optimizer, plain_scheduler = build(None, "resnet20_cifar", plain_text, tmp_path)
     assert model.state_dict().keys() == plain.state_dict().keys()
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
