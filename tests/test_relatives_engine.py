@@ -5,7 +5,7 @@ import torch.nn as nn
 
 from conftest import LeNet
 from distiller_dcq.engine.cotraining import mutual_distillation_losses
-from distiller_dcq.engine.precision import (PrecisionStages, batchnorm_statistics_kept, draw_high_precision,
+from distiller_dcq.engine.precision import (PrecisionStages, batchnorm_statistics_kept, independent_draws,
                                             precision_units, rising_probability)
 
 
@@ -50,14 +50,14 @@ def test_units_are_residual_blocks_or_layers_with_the_activations_that_follow_th
 
 def test_draws_are_independent_and_come_at_the_asked_frequency():
     torch.manual_seed(0)
-    draws = torch.tensor([draw_high_precision(8, 0.3) for _ in range(4000)], dtype=torch.float)
+    draws = torch.tensor([independent_draws(8, 0.3) for _ in range(4000)], dtype=torch.float)
     assert abs(draws.mean().item() - 0.3) < 0.01
     assert (draws.mean(0) - 0.3).abs().max() < 0.03  # every quantizer on its own
     correlation = torch.corrcoef(draws.T)[0, 1:]
     assert correlation.abs().max() < 0.06
-    assert draw_high_precision(5, 0.0) == [False] * 5 and draw_high_precision(5, 1.0) == [True] * 5
+    assert independent_draws(5, 0.0) == [False] * 5 and independent_draws(5, 1.0) == [True] * 5
     with pytest.raises(ValueError, match="probability lies in"):
-        draw_high_precision(3, 1.5)
+        independent_draws(3, 1.5)
 
 
 def test_the_quantization_probability_rises_to_one_before_the_end():

@@ -300,6 +300,20 @@ def criterion_loss():
     return _criterion_losses[-1] if _criterion_losses else None
 
 
+def reweighted_criterion(loss, criterion_weight, extra):
+    """A policy's overall loss: ``extra``, plus what policies before it added to the criterion's loss
+    (``loss`` minus the criterion's), plus ``criterion_weight`` x the criterion's loss."""
+    criterion = criterion_loss()
+    if criterion is None:  # called outside CompressionScheduler.before_backward_pass: loss is the criterion's
+        criterion = loss
+    overall = extra
+    if loss is not criterion:
+        overall = overall + (loss - criterion)
+    if criterion_weight:
+        overall = overall + criterion_weight * criterion
+    return overall
+
+
 _criterion_inputs = {}  # what the training loop last handed its criterion: "output", "target"
 
 

@@ -11,7 +11,7 @@ from distiller.quantization.quantizer import FP_BKP_PREFIX
 
 from ..engine.sections import SectionWiring, recalibrate_batchnorm
 from .checkpoints import fit_dataparallel_names, load_distiller_checkpoint
-from .compat import RESUMED_POLICY_STATES, criterion_loss
+from .compat import RESUMED_POLICY_STATES, reweighted_criterion
 
 msglogger = logging.getLogger()
 MODES = {"parallel": "teacher", "sequential": "student", "mixed": "mixed"}  # mode -> where a section's input comes from
@@ -124,14 +124,7 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
         if not self.wiring.is_split:
             return None
         section_losses = self.wiring.section_losses()
-        criterion = criterion_loss()
-        if criterion is None:  # called outside CompressionScheduler.before_backward_pass: loss is the criterion's
-            criterion = loss
-        overall = sum(section_losses.values())
-        if loss is not criterion:  # what earlier policies added to the criterion's loss stays
-            overall = overall + (loss - criterion)
-        if self.label_weight:
-            overall = overall + self.label_weight * criterion
+        overall = reweighted_criterion(loss, self.label_weight, sum(section_losses.values()))
         components = [LossComponent(f"DCQ {name} {self.wiring.loss_name}", value)
                       for name, value in section_losses.items()]
         return PolicyLoss(overall, components)

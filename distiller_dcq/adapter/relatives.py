@@ -24,9 +24,9 @@ from distiller.quantization.quantizer import FP_BKP_PREFIX
 
 from ..engine.cotraining import AuxiliaryModule, mutual_distillation_losses
 from ..engine.losses import cosine_loss
-from ..engine.precision import (PrecisionStages, batchnorm_statistics_kept, draw_high_precision, precision_units,
+from ..engine.precision import (PrecisionStages, batchnorm_statistics_kept, independent_draws, precision_units,
                                 rising_probability)
-from .compat import RESUMED_POLICY_STATES, criterion_inputs, criterion_loss
+from .compat import RESUMED_POLICY_STATES, criterion_inputs, reweighted_criterion
 from .policy import fp_teacher, input_shape
 from .quantizer import quantizer_of
 
@@ -103,14 +103,6 @@ class _LastInput:
             self._paused = False
 
 
-def _with_criterion(loss, criterion_weight, extra):
-    """The loss of earlier policies kept, the criterion's share re-weighted, ``extra`` added."""
-    criterion = criterion_loss()
-    if criterion is None:  # called outside CompressionScheduler.before_backward_pass: loss is the criterion's
-        criterion = loss
-    return loss - criterion + criterion_weight * criterion + extra
-
-
 def _needs_quantized_activations(model, policy):
     quantizers = activation_quantizers(model)
     if not quantizers:
@@ -158,7 +150,7 @@ class SPEQPolicy(ScheduledTrainingPolicy):
 
     def teacher_logits(self, model, inputs):
         """One forward of the stochastic-precision teacher: no gradient, BatchNorm statistics kept."""
-        high = draw_high_precision(len(self.quantizers), self.u)
+        high = independent_draws(len(self.quantizers), self.u)
         bits = [self.high_bits if h else q.num_bits for h, q in zip(high, self.quantizers)]
         with torch.no_grad(), self._input.paused(), batchnorm_statistics_kept(model), \
                 activation_bits(self.quantizers, bits):
@@ -169,7 +161,7 @@ class SPEQPolicy(ScheduledTrainingPolicy):
         student, _ = criterion_inputs(f"SPEQ policy {self.name!r}")
         teacher = self.teacher_logits(model, self._input.value)
         cosine = cosine_loss(student, teacher, logits=True, temperature=self.temperature)
-        overall = _with_criterion(loss, self.label_weight, self.loss_weight * cosine)
+        overall = reweighted_criterion(loss, self.label_weight, self.loss_weight * cosine)
         return PolicyLoss(overall, [LossComponent("SPEQ cosine", cosine)])
 
 
@@ -267,7 +259,7 @@ class StochasticPrecisionPolicy(ScheduledTrainingPolicy):
         p = self.quantize_probability(epoch, minibatch_id, minibatches_per_epoch)
         if p == 1:  # no draw: from here on, the run is plain QAT, random numbers included
             return
-        quantized = draw_high_precision(len(self.units), p)
+        quantized = independent_draws(len(self.units), p)
         fp_units = [unit for unit, keep in zip(self.units, quantized) if not keep]
         fp_modules = {id(m) for unit in fp_units for m in unit.weight_modules}
         for param in self.quantizer.params_to_quantize:
@@ -337,7 +329,7 @@ class JointKDPolicy(ScheduledTrainingPolicy):
         fp_loss.backward()
         self.optimizer.step()
         # low_loss holds the labels' cross-entropy itself: it replaces the criterion's
-        return PolicyLoss(_with_criterion(loss, 0.0, low_loss), [LossComponent("joint KD low-bit loss", low_loss),
+        return PolicyLoss(reweighted_criterion(loss, 0.0, low_loss), [LossComponent("joint KD low-bit loss", low_loss),
                                                                LossComponent("joint KD partner loss", fp_loss.detach())])
 
 

@@ -2,7 +2,7 @@
 relatives that train a low-bit network with help from higher precision (plain PyTorch).
 
 - SPEQ (Boo et al., AAAI 2021): the teacher is the student itself with each activation quantizer
-  drawn, per forward, at a high precision with probability u (``draw_high_precision``).
+  drawn, per forward, at a high precision with probability u (``independent_draws``).
 - Stochastic precision (Zhuang et al., TPAMI 2022): each unit (a residual block, or a layer in plain
   nets: ``precision_units``) is quantized with a probability rising to 1 (``rising_probability``).
 - Progressive quantization (same paper): precision lowered stage by stage (``PrecisionStages``).
@@ -17,8 +17,9 @@ import torch
 import torch.nn as nn
 
 
-def draw_high_precision(count, probability, generator=None, device=None):
-    """``count`` independent draws, True with ``probability``: which quantizers run at high precision."""
+def independent_draws(count, probability, generator=None, device=None):
+    """``count`` independent draws, each True with ``probability`` (which quantizers run at high
+    precision, which units are quantized)."""
     if not 0 <= probability <= 1:
         raise ValueError(f"a probability lies in [0, 1], got {probability}")
     return (torch.rand(count, generator=generator, device=device) < probability).tolist()
