@@ -114,18 +114,43 @@ def test_progress_counts_runs_and_estimates_the_time_left_from_the_epochs_traine
         clock[0] = seconds
         call(*args)
     at(0, progress.start, "fp")
-    at(10, progress.finish)
+    at(10, progress.finish, "fp")
     at(10, progress.start, "a")
-    at(12, progress.on_epoch, 1)
-    at(110, progress.on_epoch, 2)  # one epoch in 100 s; a, b and c have 1 + 1 + 4 epochs of work left
-    at(210, progress.finish)
+    at(12, progress.on_epoch, "a", 1)
+    at(110, progress.on_epoch, "a", 2)  # one epoch in 100 s; a, b and c have 1 + 1 + 4 epochs of work left
+    at(210, progress.finish, "a")
     at(210, progress.start, "b")  # reused: no epoch reported, so its time does not count
-    at(211, progress.finish)
+    at(211, progress.finish, "b")
     at(211, progress.start, "c")
     text = [line.split("] ", 1)[1].split(" (done near")[0] for line in lines]
     assert text == ["0 of 4 runs done; now fp", "1 of 4 runs done; now a", "1 of 4 runs done; now a, epoch 1 of 2",
                     "1 of 4 runs done; now a, epoch 2 of 2; about 10m left", "2 of 4 runs done; now b; about 8m left",
                     "3 of 4 runs done; now c; about 7m left"]
+
+
+def test_progress_of_runs_in_parallel_names_each_and_divides_the_time_left_by_the_jobs(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(runs_module.time, "time", lambda: clock[0])
+    lines = []
+    progress = Progress([("a", 2, 1.0), ("b", 2, 1.0), ("c", 2, 1.0), ("d", 2, 1.0)], say=lines.append, jobs=2)
+
+    def at(seconds, call, *args):
+        clock[0] = seconds
+        call(*args)
+    at(0, progress.start, "a")
+    at(0, progress.start, "b")
+    at(0, progress.on_epoch, "a", 1)
+    at(0, progress.on_epoch, "b", 1)
+    at(100, progress.on_epoch, "a", 2)  # an epoch takes 100 s; 7 epochs left, two at a time: 350 s
+    at(100, progress.on_epoch, "b", 2)  # 6 epochs left: 300 s
+    at(200, progress.finish, "a")
+    at(200, progress.start, "c")  # 5 epochs left (b has one): 250 s
+    text = [line.split("] ", 1)[1].split(" (done near")[0] for line in lines]
+    assert text == ["0 of 4 runs done; now a", "0 of 4 runs done; now a and b",
+                    "0 of 4 runs done; now a, epoch 1 of 2 and b", "0 of 4 runs done; now a, epoch 1 of 2 and b, epoch 1 of 2",
+                    "0 of 4 runs done; now a, epoch 2 of 2 and b, epoch 1 of 2; about 6m left",
+                    "0 of 4 runs done; now a, epoch 2 of 2 and b, epoch 2 of 2; about 5m left",
+                    "1 of 4 runs done; now b, epoch 2 of 2 and c; about 4m left"]
 
 
 def _result(top1, seconds, mib):
@@ -219,8 +244,10 @@ def test_reproduce_trains_the_teacher_first_when_asked_runs_dorefa_from_scratch_
     typo = reproduce(distiller_src, *args, "--variants", "dcq_binary_kdd")
     assert typo.returncode != 0 and "no schedule simplenet_mnist_dcq_binary_kdd.yaml" in typo.stderr
     assert "dcq_binary_kd, " in typo.stderr and not out.exists()  # the valid names, before any run
-    done = reproduce(distiller_src, *args, "--variants", "dcq_binary_poisson")
+    done = reproduce(distiller_src, *args, "--variants", "dcq_binary_poisson", "--jobs", "2")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "0 of 9 runs done; now simplenet_mnist_fp_trained\n" in done.stdout  # the teacher alone, then two at a time
+    assert re.search(r"runs done; now simplenet_mnist_\w+(, epoch 1 of 1)? and simplenet_mnist_\w+", done.stdout)
 
     def run_cmd(run):
         return json.loads((out / "runs" / run / "result.json").read_text())["cmd"]
@@ -235,6 +262,7 @@ def test_reproduce_trains_the_teacher_first_when_asked_runs_dorefa_from_scratch_
     assert seed1[seed1.index("--seed") + 1] == "1" and seed1[seed1.index("--name") + 1].endswith("_seed1")
     fp_top1 = json.loads((out / "runs" / "simplenet_mnist_fp_trained" / "result.json").read_text())["test_top1"]
     table = (out / "results.md").read_text()
+    assert "2 runs at a time, OMP_NUM_THREADS=1" in table
     assert f" {fp_top1:.2f} / 99.9 |" in table and "| simplenet_mnist_dorefa_binary_scratch | " in table
     assert "| simplenet_mnist_dcq_binary_poisson | " in table and "simplenet_mnist_dcq_binary_poisson.yaml" in " ".join(
         run_cmd("simplenet_mnist_dcq_binary_poisson"))

@@ -7,8 +7,8 @@ seeds, with their epoch-time and peak-memory ratios; every command, written so t
 run it), ``results.csv`` (one row per run and epoch) and PNG plots (convergence DoReFa vs DCQ; with
 ``--ablations``, DCQ binary on the first network with 1/2/4 sections and with each loss). The FP teacher
 is the one given (its test top-1 measured by ``--evaluate``) or, with ``--train-teachers``, trained first
-by compress_classifier. Finished runs are reused unless ``--rerun``. While it runs it prints the runs done,
-the run in flight and its epoch, and the time left.
+by compress_classifier. Finished runs are reused unless ``--rerun``; ``--jobs N`` trains N at a time. While it
+runs it prints the runs done, those in flight and their epochs, and the time left.
 
     python -m distiller_dcq.report.reproduce --distiller-src DISTILLER --networks simplenet_mnist \\
         --epochs 6 [--seeds 0 1 2] --out results/
@@ -16,11 +16,13 @@ the run in flight and its epoch, and the time left.
 import argparse
 import csv
 import datetime
+import functools
 import os
 import platform
 import shlex
 import statistics
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -187,7 +189,9 @@ def write_results(args, runs, results):
                     args.epochs, float(args.train_size)) else "") + "."
              + (" Over several seeds: mean ± standard deviation." if len(args.seeds) > 1 else ""), "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch "
-             f"{torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; finished "
+             f"{torch.__version__}, "
+             + (f"{args.jobs} runs at a time, OMP_NUM_THREADS=1" if args.jobs > 1 else
+                f"one run at a time, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}") + "; finished "
              f"{datetime.date.today()}.", ""]
     if any(NETWORKS[a]["data"] == CIFAR_JPEG and a not in args.data for a in args.networks):
         lines += ["CIFAR-10 figures come from the lossy JPEG copy (`../shared/data/cifar10-jpeg`): compare methods "
@@ -353,6 +357,8 @@ def main(argv=None):
     parser.add_argument("--schedules", type=Path, help="a schedules directory (default: distiller-dcq's own)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rerun", action="store_true", help="run again what --out already has")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time after the teachers' (then each takes one core: OMP_NUM_THREADS=1)")
     args = parser.parse_args(argv)
     resolve_common_args(args, parser, argv)
     args.ablation_epochs = str(args.ablation_epochs or args.epochs)
@@ -362,15 +368,19 @@ def main(argv=None):
     teachers = {arch: teacher_run(args, arch) for arch in args.networks}
     args.teacher_runs = {arch: name for arch, (name, _, _) in teachers.items()}
     progress = Progress([(name, 0 if given else args.teacher_epochs, args.teacher_train_size)
-                         for name, _, given in teachers.values()] + [(r.name, r.epochs, r.train_size) for r in runs])
+                         for name, _, given in teachers.values()] + [(r.name, r.epochs, r.train_size) for r in runs],
+                        jobs=args.jobs)
     env = with_pythonpath(args.distiller_src)  # the runs import Distiller from --distiller-src
+    if args.jobs > 1:
+        env["OMP_NUM_THREADS"] = "1"
     results = {}
 
     def run(name, cmd):
         progress.start(name)
         results[name] = run_compress_classifier(cmd, args.out / "runs" / name, name, args.rerun, env=env,
-                                                log=lambda m: print(m, flush=True), on_epoch=progress.on_epoch)
-        progress.finish()
+                                                log=lambda m: print(m, flush=True),
+                                                on_epoch=functools.partial(progress.on_epoch, name))
+        progress.finish(name)
         if "failed" in results[name] and name in args.teacher_runs.values():
             raise SystemExit(f"the FP teacher run {name} failed: {results[name]['failed']}")
 
@@ -378,10 +388,13 @@ def main(argv=None):
     for arch, (name, cmd, given) in teachers.items():
         run(name, cmd)
         checkpoints[arch] = given or trained_checkpoint(args, name)
-    for r in runs:
+    def run_from_teacher(r):
         init = ["--exp-load-weights-from", checkpoints[r.arch]] if r.from_teacher else []
         run(r.name, command(args, r.arch, r.name, *training_options(args.lr, r.epochs, r.train_size, r.seed),
                             "--compress", r.schedule.resolve(), *init))
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(run_from_teacher, runs))
     write_results(args, runs, results)
     plot(args, results)
     print(f"wrote {args.out / 'results.md'}, results.csv and the plots")

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def run_compress_classifier(cmd, out_dir, name, rerun=False, log=print, env=None
     result = {**parse_distiller_log(_newest_log(out_dir, name).read_text()), "seconds": time.time() - start,
               "peak_mib": usage.ru_maxrss / 1024, "cmd": cmd}
     cached.write_text(json.dumps(result))
-    log(f"    test top-1 {result['test_top1']}  val {result['val_top1']}  train s/epoch "
+    log(f"    {name}: test top-1 {result['test_top1']}  val {result['val_top1']}  train s/epoch "
         f"{[round(s) for s in result['train_seconds']]}  peak {result['peak_mib']:.0f} MiB")
     return result
 
@@ -119,44 +120,54 @@ def exit_if_any_failed(results, runs_dir):
 
 
 class Progress:
-    """Says how far a series of runs has got: runs done of the total, the run in flight and its epoch,
-    and the time left, estimated from the epochs trained so far (reused runs train none)."""
+    """Says how far a series of runs has got: runs done of the total, the runs in flight and their epochs,
+    and the time left, estimated from the epochs trained so far (reused runs train none). Several runs may
+    be in flight at once (``jobs`` of them, from as many threads)."""
 
-    def __init__(self, runs, say=lambda message: print(message, flush=True)):
+    def __init__(self, runs, say=lambda message: print(message, flush=True), jobs=1):
         """``runs``: (name, epochs, fraction of the training set per epoch) of every run, in order."""
         self.runs = {name: (int(epochs), float(fraction)) for name, epochs, fraction in runs}
-        self.say = say
+        self.say, self.jobs = say, jobs
         self.left_work = sum(e * f for e, f in self.runs.values())  # in epochs over the full training set
-        self.trained_work = self.trained_seconds = 0.0
+        self.trained_work = self.trained_seconds = 0.0  # summed over runs, each timed alone
         self.done = 0
-        self.name = None
+        self.in_flight = {}  # name -> [start time, epoch started, when it started]
+        self.lock = threading.Lock()
 
     def start(self, name):
-        self.name, self.started, self.epoch = name, time.time(), 0
-        self._report("")
+        with self.lock:
+            self.in_flight[name] = [time.time(), 0, time.time()]
+            self._report()
 
-    def on_epoch(self, epoch):
-        self.epoch = epoch
-        self._report(f", epoch {epoch} of {self.runs[self.name][0]}")
+    def on_epoch(self, name, epoch):
+        with self.lock:
+            self.in_flight[name][1:] = epoch, time.time()
+            self._report()
 
-    def finish(self):
-        epochs, fraction = self.runs[self.name]
-        if self.epoch:  # it trained here (not reused): its time tells the pace
-            self.trained_work += epochs * fraction
-            self.trained_seconds += time.time() - self.started
-        self.left_work -= epochs * fraction
-        self.done += 1
+    def finish(self, name):
+        with self.lock:
+            started, epoch, _ = self.in_flight.pop(name)
+            epochs, fraction = self.runs[name]
+            if epoch:  # it trained here (not reused): its time tells the pace
+                self.trained_work += epochs * fraction
+                self.trained_seconds += time.time() - started
+            self.left_work -= epochs * fraction
+            self.done += 1
 
-    def _report(self, epoch_text):
-        in_flight = max(self.epoch - 1, 0) * self.runs[self.name][1]  # epochs of this run already trained
-        work = self.trained_work + in_flight
+    def _report(self):
+        now = time.time()
+        # per run in flight: its epochs already trained and the seconds they took (the current one's not yet)
+        flying = [(max(epoch - 1, 0) * self.runs[name][1], epoch_started - started if epoch > 1 else 0.0)
+                  for name, (started, epoch, epoch_started) in self.in_flight.items()]
+        in_flight = sum(work for work, _ in flying)
+        work, seconds = self.trained_work + in_flight, self.trained_seconds + sum(s for _, s in flying)
         eta = ""
         if work:
-            left = (self.trained_seconds + time.time() - self.started) / work * (self.left_work - in_flight)
-            done_at = time.strftime("%a %H:%M", time.localtime(time.time() + left))
-            eta = f"; about {_duration(left)} left (done near {done_at})"
-        self.say(f"[{time.strftime('%H:%M:%S')}] {self.done} of {len(self.runs)} runs done; now {self.name}"
-                 f"{epoch_text}{eta}")
+            left = seconds / work * (self.left_work - in_flight) / self.jobs
+            eta = f"; about {_duration(left)} left (done near {time.strftime('%a %H:%M', time.localtime(now + left))})"
+        now_running = " and ".join(name + (f", epoch {epoch} of {self.runs[name][0]}" if epoch else "")
+                                   for name, (_, epoch, _) in self.in_flight.items())
+        self.say(f"[{time.strftime('%H:%M:%S')}] {self.done} of {len(self.runs)} runs done; now {now_running}{eta}")
 
 
 def _duration(seconds):
