@@ -293,6 +293,9 @@ def test_the_fewshot_study_plans_its_variants_after_the_binary_runs_from_schedul
     a2 = yaml.safe_load((SCHEDULES / "resnet20_cifar_dcq_binary_mixed_labelfree_a2.yaml").read_text())
     assert a2["quantizers"]["dcq_quantizer"]["bits_activations"] == 2
     assert len({run.name for run in runs}) == len(runs)
+    blocks = [run for run in runs if run.arm == "dcq_blocks_mixed_labelfree"]  # an arm at fewer sizes
+    assert {(run.arch, run.size, run.seed) for run in blocks} == {("resnet20_cifar", n, seed) for n in (512, 2048)
+                                                                  for seed in (0, 1, 2)}
 
 
 def test_the_fewshot_study_trains_each_arm_on_fixed_subsets_with_equal_steps_and_reports_mean_and_std(
@@ -300,7 +303,8 @@ def test_the_fewshot_study_trains_each_arm_on_fixed_subsets_with_equal_steps_and
     from distiller_dcq.report import fewshot
     # a two-minute version of the LeNet study: N = 60 (two seeds) and all, one epoch of 120 images
     monkeypatch.setitem(fewshot.STUDY, "simplenet_mnist", dict(sizes=(60, None), epochs=1, images_per_epoch=120,
-                                                               batch=60, train_part=54000, variants={}))
+                                                               batch=60, train_part=54000, variants={},
+                                                               arm_sizes={}))
     monkeypatch.chdir(ROOT)
     out = tmp_path / "study"
     args = ["--distiller-src", str(distiller_src), "--networks", "simplenet_mnist", "--arms", "dcq_ce",

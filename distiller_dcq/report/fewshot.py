@@ -29,12 +29,14 @@ from .reproduce import NETWORKS, _resolve, resolve_common_args
 from .runs import exit_if_any_failed, portable_paths, run_compress_classifier, with_pythonpath
 
 # network -> the study's sizes (None: the full training part), epochs, images per epoch, batch size,
-# training-part size, and the sizes at which each variant runs
+# training-part size, the sizes at which each variant runs, and those of the arms that run at fewer sizes
 STUDY = {
     "simplenet_mnist": dict(sizes=(60, 300, 1000, None), epochs=6, images_per_epoch=6400, batch=128, train_part=54000,
-                            variants={"a2": (1000,)}),
+                            variants={"a2": (1000,)},
+                            arm_sizes={"dcq_blocks_mixed_labelfree": ()}),  # LeNet's 4 sections are its 4 layers
     "resnet20_cifar": dict(sizes=(512, 2048, 8192, None), epochs=10, images_per_epoch=2048, batch=64, train_part=45000,
-                           variants={"ternary": (512,), "a2": (2048,)}),
+                           variants={"ternary": (512,), "a2": (2048,)},
+                           arm_sizes={"dcq_blocks_mixed_labelfree": (512, 2048)}),
 }
 # arm -> (schedule suffix, what it is, whether it reads labels)
 ARMS = {
@@ -45,6 +47,8 @@ ARMS = {
     "dcq_labelfree": ("dcq_binary_labelfree", "DCQ sections, then logits KD, no labels", False),
     "dcq_mixed_labelfree": ("dcq_binary_mixed_labelfree", "DCQ, QDrop-mixed section inputs, then logits KD, "
                                                           "no labels", False),
+    "dcq_blocks_mixed_labelfree": ("dcq_binary_mixed_labelfree_blocks", "as dcq_mixed_labelfree, one section per "
+                                                                        "residual block (BRECQ's granularity)", False),
 }
 # variant of the binary-weight, FP-activation study -> (its schedule suffix made from an arm's, what it is);
 # a variant runs the arms VARIANT_ARMS at the sizes STUDY gives it
@@ -74,6 +78,11 @@ class Run:
         return f"{self.arch}_{VARIANTS[self.variant][0](suffix) if self.variant else suffix}.yaml"
 
 
+def arm_sizes(arch, arm):
+    """The sizes at which ``arm`` runs on ``arch``."""
+    return STUDY[arch]["arm_sizes"].get(arm, STUDY[arch]["sizes"])
+
+
 def plan(args):
     """The sizes up to ``--many-seeds-up-to`` first, seed by seed (so that a partial study has every arm
     of them), then the larger sizes, which get the first seed only; then the variants, one after the other."""
@@ -83,7 +92,8 @@ def plan(args):
     def seeds(size):
         return args.seeds if few(size) else args.seeds[:1]
     main = [Run(arch, size, arm, seed) for small in (True, False) for seed in args.seeds for arch in args.networks
-            for size in STUDY[arch]["sizes"] if few(size) == small and seed in seeds(size) for arm in args.arms]
+            for size in STUDY[arch]["sizes"] if few(size) == small and seed in seeds(size) for arm in args.arms
+            if size in arm_sizes(arch, arm)]
     return main + [Run(arch, size, arm, seed, variant) for arch in args.networks
                    for variant, sizes in STUDY[arch]["variants"].items() if variant in args.variants
                    for size in sizes for seed in seeds(size) for arm in VARIANT_ARMS if arm in args.arms]
@@ -155,7 +165,7 @@ def write_results(args, runs, results):
         sizes = STUDY[arch]["sizes"]
         lines += ["", f"## {arch}", "", "| arm | " + " | ".join(f"N = {n or 'full'}" for n in sizes) + " |",
                   "|---|" + "---|" * len(sizes)]
-        for arm in args.arms:
+        for arm in [arm for arm in args.arms if arm_sizes(arch, arm)]:
             cells = []
             for size in sizes:
                 planned = [r for r in runs if (r.arch, r.size, r.arm, r.variant) == (arch, size, arm, "")]
