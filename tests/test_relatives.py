@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import LENET_TEACHER, ROOT
-from distiller_env import compress_classifier_script, import_distiller, run_compress_classifier
+from distiller_env import build, float_weights, import_distiller, policy_of, run_compress_classifier, train_epochs
 
 distiller = import_distiller()
 from distiller.models import create_model  # noqa: E402
@@ -19,49 +19,6 @@ from distiller_dcq.engine import DorefaWeights  # noqa: E402
 from distiller_dcq.engine.losses import cosine_loss  # noqa: E402
 
 SCHEDULES = ROOT / "schedules"
-
-
-def build(schedule, arch="simplenet_mnist", text=None, tmp_path=None):
-    """(model, optimizer, scheduler) from a schedule file (or ``text`` written to ``tmp_path``), seed 0."""
-    if text is not None:
-        schedule = tmp_path / "schedule.yaml"
-        schedule.write_text(text)
-    torch.manual_seed(0)
-    model = create_model(False, "mnist" if arch == "simplenet_mnist" else "cifar10", arch, parallel=False, device_ids=-1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    return model, optimizer, distiller.file_config(model, optimizer, str(schedule))
-
-
-def policy_of(scheduler, cls):
-    return next(p for p in scheduler.sched_metadata if isinstance(p, cls))
-
-
-def train_epochs(model, optimizer, scheduler, epochs, monkeypatch, batches=2, seed=0, on_epoch=None):
-    """Distiller's own training loop (image_classifier.train) on random images, ``batches`` per epoch."""
-    monkeypatch.syspath_prepend(str(compress_classifier_script().parent))  # image_classifier imports its parser.py
-    import distiller.apputils.image_classifier as classifier
-    from distiller.data_loggers import NullLogger
-    args = classifier.ClassifierCompressor.mock_args()
-    args.device = "cpu"
-    generator = torch.Generator().manual_seed(seed)
-    shape = model.input_shape[1:]
-    data = torch.utils.data.TensorDataset(torch.randn(4 * batches, *shape, generator=generator),
-                                          torch.randint(0, 10, (4 * batches,), generator=generator))
-    for epoch in epochs:
-        scheduler.on_epoch_begin(epoch)
-        if on_epoch:
-            on_epoch(epoch, "begin")
-        loader = torch.utils.data.DataLoader(data, batch_size=4)
-        top1, _, loss = classifier.train(loader, model, torch.nn.CrossEntropyLoss(), optimizer, epoch, scheduler,
-                                         [NullLogger()], args)
-        scheduler.on_epoch_end(epoch, optimizer, metrics={"min": loss.mean, "max": top1})
-        if on_epoch:
-            on_epoch(epoch, "end")
-    return loss.mean
-
-
-def float_weights(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 # --- SPEQ --------------------------------------------------------------------------------------------

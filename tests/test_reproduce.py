@@ -296,6 +296,9 @@ def test_the_fewshot_study_plans_its_variants_after_the_binary_runs_from_schedul
     blocks = [run for run in runs if run.arm == "dcq_blocks_mixed_labelfree"]  # an arm at fewer sizes
     assert {(run.arch, run.size, run.seed) for run in blocks} == {("resnet20_cifar", n, seed) for n in (512, 2048)
                                                                   for seed in (0, 1, 2)}
+    adaround = {(run.arch, run.size) for run in runs if run.arm == "dcq_adaround_labelfree"}
+    assert adaround == {("simplenet_mnist", n) for n in fewshot.STUDY["simplenet_mnist"]["sizes"]} | {
+        ("resnet20_cifar", 512), ("resnet20_cifar", 2048)}
 
 
 def test_the_fewshot_study_trains_each_arm_on_fixed_subsets_with_equal_steps_and_reports_mean_and_std(

@@ -13,9 +13,10 @@ from .policy import SectionalKDPolicy
 from .quantizer import DCQQuantizer
 from .relatives import (AuxiliaryModulePolicy, JointKDPolicy, ProgressivePrecisionPolicy, SPEQPolicy,
                         StochasticPrecisionPolicy)
+from .rounding import AdaRoundPolicy
 
 YAML_CLASSES = (DCQQuantizer, SectionalKDPolicy, SPEQPolicy, ProgressivePrecisionPolicy, StochasticPrecisionPolicy,
-                JointKDPolicy, AuxiliaryModulePolicy)
+                JointKDPolicy, AuxiliaryModulePolicy, AdaRoundPolicy)
 
 
 def register(distiller):
@@ -53,4 +54,4 @@ def _patch_image_classifier(image_classifier):
 register(sys.modules["distiller"])  # when this module was imported before Distiller (the hook waited for it)
 
 __all__ = ["DCQQuantizer", "SectionalKDPolicy", "SPEQPolicy", "ProgressivePrecisionPolicy", "StochasticPrecisionPolicy",
-           "JointKDPolicy", "AuxiliaryModulePolicy", "register", "YAML_CLASSES"]
+           "JointKDPolicy", "AuxiliaryModulePolicy", "AdaRoundPolicy", "register", "YAML_CLASSES"]

@@ -397,7 +397,7 @@ def patch_policy_windows(image_classifier, policy_cls):
     """After compress_classifier builds its scheduler, refuse a DCQ policy whose epoch window starts
     after the last training epoch (it would silently never run); one that ends after it is allowed
     (the run stops mid-stage, to be resumed) and logged. A policy marked ``must_finish_window``
-    (progressive quantization) must end within the run."""
+    (progressive quantization, AdaRound) must end within the run."""
     if _is_patched(image_classifier._init_learner):
         return
     original = image_classifier._init_learner

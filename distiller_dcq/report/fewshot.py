@@ -36,7 +36,7 @@ STUDY = {
                             arm_sizes={"dcq_blocks_mixed_labelfree": ()}),  # LeNet's 4 sections are its 4 layers
     "resnet20_cifar": dict(sizes=(512, 2048, 8192, None), epochs=10, images_per_epoch=2048, batch=64, train_part=45000,
                            variants={"ternary": (512,), "a2": (2048,)},
-                           arm_sizes={"dcq_blocks_mixed_labelfree": (512, 2048)}),
+                           arm_sizes={"dcq_blocks_mixed_labelfree": (512, 2048), "dcq_adaround_labelfree": (512, 2048)}),
 }
 # arm -> (schedule suffix, what it is, whether it reads labels)
 ARMS = {
@@ -49,6 +49,8 @@ ARMS = {
                                                           "no labels", False),
     "dcq_blocks_mixed_labelfree": ("dcq_binary_mixed_labelfree_blocks", "as dcq_mixed_labelfree, one section per "
                                                                         "residual block (BRECQ's granularity)", False),
+    "dcq_adaround_labelfree": ("dcq_binary_adaround_labelfree", "as dcq_mixed_labelfree, the sections learning only "
+                                                                "which weights leave their level (AdaRound)", False),
 }
 # variant of the binary-weight, FP-activation study -> (its schedule suffix made from an arm's, what it is);
 # a variant runs the arms VARIANT_ARMS at the sizes STUDY gives it

@@ -1,0 +1,134 @@
+"""``AdaRoundPolicy``: DCQ's sections restricted to AdaRound-style level choices (engine: ``engine/rounding.py``)."""
+import logging
+
+import torch
+from distiller.policy import LossComponent, PolicyLoss, ScheduledTrainingPolicy
+
+from ..engine.quantizers import BinaryWeights, TernaryWeights
+from ..engine.rounding import LevelChoice, annealed_beta
+from .compat import RESUMED_POLICY_STATES
+from .quantizer import quantizer_of
+
+msglogger = logging.getLogger()
+
+
+class AdaRoundPolicy(ScheduledTrainingPolicy):
+    """Learn only which weights leave their directly quantized level (AdaRound, Nagel et al., ICML 2020;
+    block by block as in BRECQ, Li et al., ICLR 2021), with the losses of the policies beside it (a
+    ``SectionalKDPolicy`` in the same window: each section's reconstruction loss).
+
+    Over its window every parameter of the model stays frozen; each binary or ternary weight has a soft
+    choice between its direct level and the adjacent level towards its FP value, trained with Adam and
+    pushed to 0 or 1 by AdaRound's regularizer (exponent annealed linearly from ``beta[0]`` to
+    ``beta[1]`` after ``warmup``). Validation sees the choices made (rounded). At the window's end the
+    choices are final: the FP weights become the chosen quantized weights, so that the quantizer gives
+    exactly them from then on, and the parameters train again. Needs DCQQuantizer with binary or ternary
+    weights; schedule it after the quantizer, in one contiguous window (``frequency: 1``).
+
+    Args (YAML keys):
+        lr: Adam's learning rate for the choices (default 0.01; BRECQ's 0.001 is for 20,000 steps).
+        regularizer_weight: the regularizer's weight (default 0.01, AdaRound's and BRECQ's).
+        warmup: fraction of the window without the regularizer (default 0.2, BRECQ's).
+        beta: the regularizer's exponent at the warm-up's end and at the window's end (default [20, 2]).
+    """
+
+    must_finish_window = True  # a checkpoint saved before the choices are final would load without them
+
+    def __init__(self, model, name="adaround", lr=0.01, regularizer_weight=0.01, warmup=0.2, beta=(20, 2)):
+        super().__init__()
+        if not lr > 0 or not regularizer_weight >= 0 or not 0 <= warmup < 1:
+            raise ValueError(f"AdaRound policy {name!r}: lr must be > 0, regularizer_weight >= 0 and warmup in [0, 1), "
+                             f"got lr {lr}, regularizer_weight {regularizer_weight}, warmup {warmup}")
+        if len(beta) != 2 or not beta[0] >= beta[1] > 0:
+            raise ValueError(f"AdaRound policy {name!r}: beta is [start, end] with start >= end > 0, got {beta}")
+        self.name, self.lr, self.regularizer_weight, self.warmup = name, float(lr), float(regularizer_weight), warmup
+        self.beta = tuple(float(b) for b in beta)
+        self.choices, self.optimizer, self._window, self._frozen = None, None, None, []
+        self._resumed = getattr(model, RESUMED_POLICY_STATES, {}).get(name)
+
+    def checkpoint_state(self):
+        """The choices so far and Adam's state, for a run resumed inside the window."""
+        if self.choices is None:
+            return {}
+        return {"logits": [choice.logits.detach() for _, choice in self.choices],
+                "optimizer": self.optimizer.state_dict()}
+
+    def on_epoch_begin(self, model, zeros_mask_dict, meta, **kwargs):
+        if meta.get("frequency") != 1:
+            raise ValueError(f"AdaRound policy {self.name!r} needs one contiguous window: schedule it with "
+                             f"starting_epoch, ending_epoch and frequency: 1")
+        self._window = meta["starting_epoch"], meta["ending_epoch"]
+        if self.choices is None:
+            self._start(model)
+        # other policies (DCQ's sequential mode) may have let parameters train again
+        self._frozen += [p for p in model.parameters() if p.requires_grad]
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    def _start(self, model):
+        quantizer = quantizer_of(model)
+        if quantizer is None:
+            raise ValueError(f"AdaRound policy {self.name!r} works with DCQQuantizer: declare the quantizer as "
+                             f"class: DCQQuantizer, with weight_mode binary or ternary")
+        self.quantizer, self.choices = quantizer, []
+        for param in quantizer.params_to_quantize:
+            weights = quantizer.weight_quantizer_for(param.num_bits)
+            if not isinstance(weights, (BinaryWeights, TernaryWeights)):
+                raise ValueError(f"AdaRound policy {self.name!r}: {param.module_name} has {param.num_bits}-bit DoReFa "
+                                 f"weights; level choices are for binary and ternary weights only")
+            fp = getattr(param.module, param.fp_attr_name)
+            quantized = weights(fp).detach()
+            alpha = quantized.abs().max().clamp_min(torch.finfo(quantized.dtype).tiny)
+            self.choices.append((param, LevelChoice(fp, quantized, alpha, isinstance(weights, TernaryWeights))))
+        self.optimizer = torch.optim.Adam([choice.logits for _, choice in self.choices], lr=self.lr)
+        if self._resumed:
+            for (_, choice), logits in zip(self.choices, self._resumed["logits"]):
+                choice.logits.data.copy_(logits)
+            self.optimizer.load_state_dict(self._resumed["optimizer"])
+            self._resumed = None
+        with_choice = sum(int(choice.has_choice.sum()) for _, choice in self.choices)
+        total = sum(choice.logits.numel() for _, choice in self.choices)
+        msglogger.info("AdaRound %s: %d of %d quantized weights may leave their direct level", self.name,
+                       with_choice, total)
+
+    def on_minibatch_begin(self, model, epoch, minibatch_id, minibatches_per_epoch, zeros_mask_dict, meta,
+                           optimizer=None):
+        for param, choice in self.choices:
+            setattr(param.module, param.q_attr_name, choice.soft())
+        self._progress = (epoch - self._window[0] + minibatch_id / minibatches_per_epoch) / (
+            self._window[1] - self._window[0])
+
+    def before_backward_pass(self, model, epoch, minibatch_id, minibatches_per_epoch, loss, zeros_mask_dict,
+                             optimizer=None):
+        beta = annealed_beta(self._progress, self.warmup, *self.beta)
+        if beta is None:
+            return None
+        regularizer = self.regularizer_weight * sum(choice.regularizer(beta) for _, choice in self.choices)
+        return PolicyLoss(loss + regularizer, [LossComponent(f"AdaRound regularizer (beta {beta:.1f})", regularizer)])
+
+    def on_minibatch_end(self, model, epoch, minibatch_id, minibatches_per_epoch, zeros_mask_dict, optimizer):
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self._use_hard_choices()
+
+    def _use_hard_choices(self):
+        with torch.no_grad():
+            for param, choice in self.choices:
+                setattr(param.module, param.q_attr_name, choice.hard())
+
+    def on_epoch_end(self, model, zeros_mask_dict, meta, **kwargs):
+        if meta["current_epoch"] != meta["ending_epoch"] - 1:
+            return
+        left = 0
+        with torch.no_grad():
+            for param, choice in self.choices:
+                fp = getattr(param.module, param.fp_attr_name)
+                left += int((choice.hard() != self.quantizer.weight_quantizer_for(param.num_bits)(fp)).sum())
+                fp.copy_(choice.hard())
+        self.quantizer.quantize_params()
+        for p in self._frozen:
+            p.requires_grad_(True)
+        total = sum(choice.logits.numel() for _, choice in self.choices)
+        msglogger.info("AdaRound %s: choices made; %d of %d quantized weights left their direct level (%.2f%%)",
+                       self.name, left, total, 100 * left / total)
+        self.choices, self.optimizer, self._frozen = None, None, []
