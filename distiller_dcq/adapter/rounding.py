@@ -26,15 +26,16 @@ class AdaRoundPolicy(ScheduledTrainingPolicy):
     weights; schedule it after the quantizer, in one contiguous window (``frequency: 1``).
 
     Args (YAML keys):
-        lr: Adam's learning rate for the choices (default 0.01; BRECQ's 0.001 is for 20,000 steps).
-        regularizer_weight: the regularizer's weight (default 0.01, AdaRound's and BRECQ's).
+        lr: Adam's learning rate for the choices (default 0.1; BRECQ's 0.001 is for 20,000 steps).
+        regularizer_weight: the regularizer's weight (default 1); the regularizer is a mean over the weights
+            of each layer (AdaRound's sum, weighted 0.01, faces a reconstruction error summed over outputs).
         warmup: fraction of the window without the regularizer (default 0.2, BRECQ's).
         beta: the regularizer's exponent at the warm-up's end and at the window's end (default [20, 2]).
     """
 
     must_finish_window = True  # a checkpoint saved before the choices are final would load without them
 
-    def __init__(self, model, name="adaround", lr=0.01, regularizer_weight=0.01, warmup=0.2, beta=(20, 2)):
+    def __init__(self, model, name="adaround", lr=0.1, regularizer_weight=1.0, warmup=0.2, beta=(20, 2)):
         super().__init__()
         if not lr > 0 or not regularizer_weight >= 0 or not 0 <= warmup < 1:
             raise ValueError(f"AdaRound policy {name!r}: lr must be > 0, regularizer_weight >= 0 and warmup in [0, 1), "
@@ -119,16 +120,18 @@ class AdaRoundPolicy(ScheduledTrainingPolicy):
     def on_epoch_end(self, model, zeros_mask_dict, meta, **kwargs):
         if meta["current_epoch"] != meta["ending_epoch"] - 1:
             return
-        left = 0
+        left = undecided = 0
         with torch.no_grad():
             for param, choice in self.choices:
                 fp = getattr(param.module, param.fp_attr_name)
                 left += int((choice.hard() != self.quantizer.weight_quantizer_for(param.num_bits)(fp)).sum())
+                undecided += int(((choice.soft() != choice.hard()) & choice.has_choice).sum())
                 fp.copy_(choice.hard())
         self.quantizer.quantize_params()
         for p in self._frozen:
             p.requires_grad_(True)
         total = sum(choice.logits.numel() for _, choice in self.choices)
-        msglogger.info("AdaRound %s: choices made; %d of %d quantized weights left their direct level (%.2f%%)",
-                       self.name, left, total, 100 * left / total)
+        msglogger.info("AdaRound %s: choices made; %d of %d quantized weights left their direct level (%.2f%%); "
+                       "%d choices were still soft and were rounded", self.name, left, total, 100 * left / total,
+                       undecided)
         self.choices, self.optimizer, self._frozen = None, None, []

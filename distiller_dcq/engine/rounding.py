@@ -60,9 +60,11 @@ class LevelChoice(nn.Module):
         return self.alpha * torch.where(self.logits >= 0, self.upper, self.lower)
 
     def regularizer(self, beta):
-        """AdaRound's sum of 1 - |2h - 1|^beta over the weights with a choice: 0 when every h is 0 or 1."""
+        """AdaRound's 1 - |2h - 1|^beta, averaged over the weights with a choice: 0 when every h is 0 or 1,
+        at most 1 whatever the layer's size (AdaRound sums it, against a reconstruction error summed over
+        the layer's outputs; our section losses are means)."""
         h = rectified_sigmoid(self.logits)[self.has_choice]
-        return (1 - (2 * h - 1).abs().pow(beta)).sum()
+        return (1 - (2 * h - 1).abs().pow(beta)).mean() if h.numel() else h.sum()
 
 
 def annealed_beta(progress, warmup=0.2, start=20.0, end=2.0):
