@@ -26,7 +26,7 @@ run() {  # schedule name lr weight
   OMP_NUM_THREADS=1 python "$DISTILLER_SRC/examples/classifier_compression/compress_classifier.py" --arch simplenet_mnist \
     "$work/mnist_1000" --cpu -j 0 -b 128 --lr 0.01 --momentum 0.9 --wd 0 --epochs 2 --vs 0.1 --effective-valid-size 0.1 \
     --seed 0 --compress "$work/$2.yaml" --exp-load-weights-from ../shared/teachers/simplenet_mnist_fp.pth.tar \
-    --out-dir "$work/runs" --name "$2" > /dev/null 2>&1
+    --out-dir "$work/runs" --name "$2" > "$work/$2.out" 2>&1 || { tail -5 "$work/$2.out"; exit 1; }
   log=$(ls "$work"/runs/"$2"___*/*.log)
   top1=$(grep -m1 "dcq: merged" "$log" | sed 's/.*Top1: //')
   left=$(grep "choices made" "$log" | sed 's/.*; \([0-9]* of [0-9]*\) quantized.*(\(.*\));.*/\1 (\2)/')
