@@ -14,10 +14,16 @@ SCHEDULE = ROOT / "schedules" / "simplenet_mnist_dcq_binary_adaround_labelfree.y
 LAYERS = ("conv1", "conv2", "fc1", "fc2")
 
 
-def two_epoch_window(tmp_path, lr=0.5):
-    """The LeNet schedule with its section stage and AdaRound over epochs 0-1 (a large lr: choices in few steps)."""
+def two_epoch_window(tmp_path, lr=0.5, sequential=False):
+    """The LeNet schedule with its section stage and AdaRound over epochs 0-1 (a large lr: choices in few steps);
+    ``sequential``: two sections trained one after the other."""
     text = SCHEDULE.read_text().replace("ending_epoch: 1\n", "ending_epoch: 2\n").replace(
-        "starting_epoch: 1\n", "starting_epoch: 2\n").replace("lr: 0.01", f"lr: {lr}")
+        "starting_epoch: 1\n", "starting_epoch: 2\n")
+    assert "    lr: 0.1\n" in text
+    text = text.replace("    lr: 0.1\n", f"    lr: {lr}\n")
+    if sequential:
+        text = text.replace("boundaries: [pool1, pool2, relu3]", "boundaries: [pool2]").replace(
+            "mode: mixed", "mode: sequential")
     return build(None, text=text, tmp_path=tmp_path)
 
 
@@ -35,8 +41,10 @@ def test_only_the_level_choices_learn_in_the_window_and_validation_sees_them_mad
             after = float_weights(model)
             assert all(torch.equal(before[k], after[k]) for k in before)  # every parameter frozen
             logits["epoch 0"] = [c.logits.detach().clone() for _, c in policy.choices]
-            for param, choice in policy.choices:  # what validation would see: the choices made
+            model.eval()(torch.zeros(1, 1, 28, 28))  # a validation forward sees the choices made
+            for param, choice in policy.choices:
                 assert torch.equal(getattr(param.module, param.q_attr_name), choice.hard())
+            model.train()
     train_epochs(model, optimizer, scheduler, range(1), monkeypatch, batches=8, on_epoch=check)
     assert min(training_weights) > 2  # the soft weights lie between the levels
     start = AdaRoundPolicy(model, name="fresh")
@@ -57,14 +65,26 @@ def test_at_the_window_end_the_choices_are_final_and_the_parameters_train_again(
                 assert torch.equal(layer.float_weight, layer.weight)  # the FP weights are the chosen weights
                 assert layer.weight.abs().unique().numel() == 1  # binary x alpha
             made["left"] = sum(int((getattr(model, n).weight != direct[n]).sum()) for n in LAYERS)
-            made["frozen after"] = [p for p in model.parameters() if not p.requires_grad]
             made["after window"] = float_weights(model)
     train_epochs(model, optimizer, scheduler, range(2), monkeypatch, batches=8, on_epoch=record)
     total = sum(direct[n].numel() for n in LAYERS)
     assert 0 < made["left"] < total / 2  # some weights left their direct level, most did not
-    assert made["frozen after"] == [] and policy.choices is None
+    assert policy.choices is None
+    model.eval()(torch.zeros(1, 1, 28, 28))  # validation after the window: the quantizer's weights, as saved
+    assert all(torch.equal(getattr(model, n).float_weight, getattr(model, n).weight) for n in LAYERS)
+    model.train()
     train_epochs(model, optimizer, scheduler, range(2, 3), monkeypatch, batches=8)  # logits KD: parameters train
     assert not torch.equal(made["after window"]["fc1.float_weight"], model.fc1.float_weight)
+
+
+def test_with_sequential_sections_the_parameters_stay_put_and_the_choices_learn(tmp_path, monkeypatch):
+    model, optimizer, scheduler = two_epoch_window(tmp_path, sequential=True)
+    before = float_weights(model)
+    train_epochs(model, optimizer, scheduler, range(1), monkeypatch, batches=4)
+    train_epochs(model, optimizer, scheduler, range(1, 2), monkeypatch, batches=4)  # the second section's epoch
+    # the window's end wrote the choices into the FP weights; nothing else moved
+    assert all(torch.equal(before[k], v) for k, v in float_weights(model).items() if not k.endswith("float_weight"))
+    assert any(not torch.equal(before[k], v) for k, v in float_weights(model).items() if k.endswith("float_weight"))
 
 
 def test_a_run_resumed_in_the_window_and_resumed_again_keeps_the_choices_learned(tmp_path, monkeypatch):

@@ -306,8 +306,7 @@ def test_the_fewshot_study_trains_each_arm_on_fixed_subsets_with_equal_steps_and
     from distiller_dcq.report import fewshot
     # a two-minute version of the LeNet study: N = 60 (two seeds) and all, one epoch of 120 images
     monkeypatch.setitem(fewshot.STUDY, "simplenet_mnist", dict(sizes=(60, None), epochs=1, images_per_epoch=120,
-                                                               batch=60, train_part=54000, variants={},
-                                                               arm_sizes={}))
+                                                               batch=60, train_part=54000, variants={}))
     monkeypatch.chdir(ROOT)
     out = tmp_path / "study"
     args = ["--distiller-src", str(distiller_src), "--networks", "simplenet_mnist", "--arms", "dcq_ce",

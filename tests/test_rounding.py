@@ -75,7 +75,7 @@ def test_learned_choices_reconstruct_a_layer_better_than_its_direct_quantization
         return torch.nn.functional.mse_loss(x @ weights.t(), target)
     for step in range(steps):
         beta = annealed_beta(step / steps)
-        loss = error(choice.soft()) + (0.01 * choice.regularizer(beta) if beta else 0)
+        loss = error(choice.soft()) + (choice.regularizer(beta) if beta else 0)  # weight 1, the policy's default
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -17,13 +17,14 @@ class AdaRoundPolicy(ScheduledTrainingPolicy):
     block by block as in BRECQ, Li et al., ICLR 2021), with the losses of the policies beside it (a
     ``SectionalKDPolicy`` in the same window: each section's reconstruction loss).
 
-    Over its window every parameter of the model stays frozen; each binary or ternary weight has a soft
-    choice between its direct level and the adjacent level towards its FP value, trained with Adam and
-    pushed to 0 or 1 by AdaRound's regularizer (exponent annealed linearly from ``beta[0]`` to
-    ``beta[1]`` after ``warmup``). Validation sees the choices made (rounded). At the window's end the
-    choices are final: the FP weights become the chosen quantized weights, so that the quantizer gives
-    exactly them from then on, and the parameters train again. Needs DCQQuantizer with binary or ternary
-    weights; schedule it after the quantizer, in one contiguous window (``frequency: 1``).
+    Over its window no parameter of the model moves (their gradients are dropped before the model's
+    optimizer steps); each binary or ternary weight has a soft choice between its direct level and the
+    adjacent level towards its FP value, trained with Adam and pushed to 0 or 1 by AdaRound's regularizer
+    (exponent annealed linearly from ``beta[0]`` to ``beta[1]`` after ``warmup``). Every forward in
+    evaluation mode (validation) sees the choices made (rounded). At the window's end the choices are
+    final: the FP weights become the chosen quantized weights, so that the quantizer gives exactly them
+    from then on. All choices learn together, whatever the section policy's mode. Needs DCQQuantizer with
+    binary or ternary weights; one contiguous window (``frequency: 1``) that ends within the run.
 
     Args (YAML keys):
         lr: Adam's learning rate for the choices (default 0.1; BRECQ's 0.001 is for 20,000 steps).
@@ -44,7 +45,7 @@ class AdaRoundPolicy(ScheduledTrainingPolicy):
             raise ValueError(f"AdaRound policy {name!r}: beta is [start, end] with start >= end > 0, got {beta}")
         self.name, self.lr, self.regularizer_weight, self.warmup = name, float(lr), float(regularizer_weight), warmup
         self.beta = tuple(float(b) for b in beta)
-        self.choices, self.optimizer, self._window, self._frozen = None, None, None, []
+        self.choices, self.optimizer, self._window, self._eval_hook = None, None, None, None
         self._resumed = getattr(model, RESUMED_POLICY_STATES, {}).get(name)
 
     def checkpoint_state(self):
@@ -61,10 +62,8 @@ class AdaRoundPolicy(ScheduledTrainingPolicy):
         self._window = meta["starting_epoch"], meta["ending_epoch"]
         if self.choices is None:
             self._start(model)
-        # other policies (DCQ's sequential mode) may have let parameters train again
-        self._frozen += [p for p in model.parameters() if p.requires_grad]
-        for p in model.parameters():
-            p.requires_grad_(False)
+            self._eval_hook = model.register_forward_pre_hook(
+                lambda module, inputs: None if module.training else self._use_hard_choices())
 
     def _start(self, model):
         quantizer = quantizer_of(model)
@@ -72,7 +71,7 @@ class AdaRoundPolicy(ScheduledTrainingPolicy):
             raise ValueError(f"AdaRound policy {self.name!r} works with DCQQuantizer: declare the quantizer as "
                              f"class: DCQQuantizer, with weight_mode binary or ternary")
         self.quantizer, self.choices = quantizer, []
-        for param in quantizer.params_to_quantize:
+        for param in [p for p in quantizer.params_to_quantize if p.q_attr_name == "weight"]:  # biases stay
             weights = quantizer.weight_quantizer_for(param.num_bits)
             if not isinstance(weights, (BinaryWeights, TernaryWeights)):
                 raise ValueError(f"AdaRound policy {self.name!r}: {param.module_name} has {param.num_bits}-bit DoReFa "
@@ -81,9 +80,17 @@ class AdaRoundPolicy(ScheduledTrainingPolicy):
             quantized = weights(fp).detach()
             alpha = quantized.abs().max().clamp_min(torch.finfo(quantized.dtype).tiny)
             self.choices.append((param, LevelChoice(fp, quantized, alpha, isinstance(weights, TernaryWeights))))
+        if not self.choices:
+            raise ValueError(f"AdaRound policy {self.name!r} found no quantized weights: schedule the quantizer "
+                             f"from the policy's first epoch")
         self.optimizer = torch.optim.Adam([choice.logits for _, choice in self.choices], lr=self.lr)
         if self._resumed:
-            for (_, choice), logits in zip(self.choices, self._resumed["logits"]):
+            saved = self._resumed["logits"]
+            if [tuple(s.shape) for s in saved] != [tuple(c.logits.shape) for _, c in self.choices]:
+                raise ValueError(f"AdaRound policy {self.name!r}: the checkpoint holds choices for {len(saved)} "
+                                 f"weight tensors of other shapes than the {len(self.choices)} quantized now: resume "
+                                 f"with the schedule (quantizer and overrides) the run was started with")
+            for (_, choice), logits in zip(self.choices, saved):
                 choice.logits.data.copy_(logits)
             self.optimizer.load_state_dict(self._resumed["optimizer"])
             self._resumed = None
@@ -107,10 +114,12 @@ class AdaRoundPolicy(ScheduledTrainingPolicy):
         regularizer = self.regularizer_weight * sum(choice.regularizer(beta) for _, choice in self.choices)
         return PolicyLoss(loss + regularizer, [LossComponent(f"AdaRound regularizer (beta {beta:.1f})", regularizer)])
 
-    def on_minibatch_end(self, model, epoch, minibatch_id, minibatches_per_epoch, zeros_mask_dict, optimizer):
+    def before_parameter_optimization(self, model, epoch, minibatch_id, minibatches_per_epoch, zeros_mask_dict,
+                                      meta, optimizer):
+        for p in model.parameters():  # the model's optimizer moves nothing: no gradient, no momentum, no decay
+            p.grad = None
         self.optimizer.step()
         self.optimizer.zero_grad()
-        self._use_hard_choices()
 
     def _use_hard_choices(self):
         with torch.no_grad():
@@ -128,10 +137,9 @@ class AdaRoundPolicy(ScheduledTrainingPolicy):
                 undecided += int(((choice.soft() != choice.hard()) & choice.has_choice).sum())
                 fp.copy_(choice.hard())
         self.quantizer.quantize_params()
-        for p in self._frozen:
-            p.requires_grad_(True)
+        self._eval_hook.remove()
         total = sum(choice.logits.numel() for _, choice in self.choices)
         msglogger.info("AdaRound %s: choices made; %d of %d quantized weights left their direct level (%.2f%%); "
                        "%d choices were still soft and were rounded", self.name, left, total, 100 * left / total,
                        undecided)
-        self.choices, self.optimizer, self._frozen = None, None, []
+        self.choices, self.optimizer, self._eval_hook = None, None, None

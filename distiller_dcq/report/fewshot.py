@@ -82,7 +82,7 @@ class Run:
 
 def arm_sizes(arch, arm):
     """The sizes at which ``arm`` runs on ``arch``."""
-    return STUDY[arch]["arm_sizes"].get(arm, STUDY[arch]["sizes"])
+    return STUDY[arch].get("arm_sizes", {}).get(arm, STUDY[arch]["sizes"])
 
 
 def plan(args):

@@ -364,18 +364,23 @@ def main(argv=None):
     args.ablation_epochs = str(args.ablation_epochs or args.epochs)
     args.ablation_train_size = args.ablation_train_size or args.train_size
     args.epochs, args.lr, args.batch_size = str(args.epochs), str(args.lr), str(args.batch_size)
+    if args.jobs < 1:
+        parser.error(f"--jobs is a number of runs at a time (>= 1), got {args.jobs}")
     runs = plan(args)
+    twice = sorted({r.name for r in runs if sum(o.name == r.name for o in runs) > 1})
+    if twice:
+        parser.error(f"these runs are planned twice (a variant that is also an ablation?): {', '.join(twice)}")
     teachers = {arch: teacher_run(args, arch) for arch in args.networks}
     args.teacher_runs = {arch: name for arch, (name, _, _) in teachers.items()}
     progress = Progress([(name, 0 if given else args.teacher_epochs, args.teacher_train_size)
                          for name, _, given in teachers.values()] + [(r.name, r.epochs, r.train_size) for r in runs],
                         jobs=args.jobs)
     env = with_pythonpath(args.distiller_src)  # the runs import Distiller from --distiller-src
-    if args.jobs > 1:
-        env["OMP_NUM_THREADS"] = "1"
+    # the teachers train one at a time, with every thread; with --jobs the other runs take one core each
+    pool_env = {**env, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else env
     results = {}
 
-    def run(name, cmd):
+    def run(name, cmd, env=env):
         progress.start(name)
         results[name] = run_compress_classifier(cmd, args.out / "runs" / name, name, args.rerun, env=env,
                                                 log=lambda m: print(m, flush=True),
@@ -391,7 +396,7 @@ def main(argv=None):
     def run_from_teacher(r):
         init = ["--exp-load-weights-from", checkpoints[r.arch]] if r.from_teacher else []
         run(r.name, command(args, r.arch, r.name, *training_options(args.lr, r.epochs, r.train_size, r.seed),
-                            "--compress", r.schedule.resolve(), *init))
+                            "--compress", r.schedule.resolve(), *init), env=pool_env)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(run_from_teacher, runs))

@@ -102,7 +102,7 @@ def run_compress_classifier(cmd, out_dir, name, rerun=False, log=print, env=None
     returncode = os.waitstatus_to_exitcode(status)
     if returncode != 0:
         lines = (out_dir / "stderr.txt").read_text().strip().splitlines() or ["no message"]
-        log(f"    FAILED (exit {returncode}): {lines[-1]}")
+        log(f"    {name} FAILED (exit {returncode}): {lines[-1]}")
         return {"failed": f"exit {returncode}: {lines[-1]}", "cmd": cmd}
     result = {**parse_distiller_log(_newest_log(out_dir, name).read_text()), "seconds": time.time() - start,
               "peak_mib": usage.ru_maxrss / 1024, "cmd": cmd}
@@ -163,7 +163,7 @@ class Progress:
         work, seconds = self.trained_work + in_flight, self.trained_seconds + sum(s for _, s in flying)
         eta = ""
         if work:
-            left = seconds / work * (self.left_work - in_flight) / self.jobs
+            left = seconds / work * (self.left_work - in_flight) / min(self.jobs, len(self.runs) - self.done)
             eta = f"; about {_duration(left)} left (done near {time.strftime('%a %H:%M', time.localtime(now + left))})"
         now_running = " and ".join(name + (f", epoch {epoch} of {self.runs[name][0]}" if epoch else "")
                                    for name, (_, epoch, _) in self.in_flight.items())
