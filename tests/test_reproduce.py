@@ -331,3 +331,12 @@ def test_the_fewshot_study_trains_each_arm_on_fixed_subsets_with_equal_steps_and
     capsys.readouterr()
     fewshot.main(args + ["--report-only"])
     assert "3 of 3 runs finished" in capsys.readouterr().out and (out / "results.md").read_text() == table
+
+
+def test_reproduce_refuses_a_run_planned_twice_and_no_jobs_before_any_run(tmp_path, distiller_src):
+    twice = reproduce(distiller_src, "--networks", "simplenet_mnist", "--weights", "binary", "--ablations", "--losses",
+                      "poisson", "--sections", "2", "--variants", "dcq_binary_poisson", "--out", tmp_path / "out")
+    assert twice.returncode != 0 and "planned twice" in twice.stderr and "simplenet_mnist_dcq_binary_poisson" in twice.stderr
+    none = reproduce(distiller_src, "--networks", "simplenet_mnist", "--jobs", "0", "--out", tmp_path / "out")
+    assert none.returncode != 0 and "--jobs is a number of runs at a time" in none.stderr
+    assert not (tmp_path / "out" / "runs").exists()
