@@ -46,6 +46,7 @@ class AdaRoundPolicy(ScheduledTrainingPolicy):
         self.name, self.lr, self.regularizer_weight, self.warmup = name, float(lr), float(regularizer_weight), warmup
         self.beta = tuple(float(b) for b in beta)
         self.choices, self.optimizer, self._window, self._eval_hook = None, None, None, None
+        self._hard_in_place = False  # whether the layers hold the hard choices since the last training step
         self._resumed = getattr(model, RESUMED_POLICY_STATES, {}).get(name)
 
     def checkpoint_state(self):
@@ -103,6 +104,7 @@ class AdaRoundPolicy(ScheduledTrainingPolicy):
                            optimizer=None):
         for param, choice in self.choices:
             setattr(param.module, param.q_attr_name, choice.soft())
+        self._hard_in_place = False
         self._progress = (epoch - self._window[0] + minibatch_id / minibatches_per_epoch) / (
             self._window[1] - self._window[0])
 
@@ -122,9 +124,12 @@ class AdaRoundPolicy(ScheduledTrainingPolicy):
         self.optimizer.zero_grad()
 
     def _use_hard_choices(self):
+        if self._hard_in_place:  # once per validation, not once per batch
+            return
         with torch.no_grad():
             for param, choice in self.choices:
                 setattr(param.module, param.q_attr_name, choice.hard())
+        self._hard_in_place = True
 
     def on_epoch_end(self, model, zeros_mask_dict, meta, **kwargs):
         if meta["current_epoch"] != meta["ending_epoch"] - 1:
@@ -132,10 +137,10 @@ class AdaRoundPolicy(ScheduledTrainingPolicy):
         left = undecided = 0
         with torch.no_grad():
             for param, choice in self.choices:
-                fp = getattr(param.module, param.fp_attr_name)
-                left += int((choice.hard() != self.quantizer.weight_quantizer_for(param.num_bits)(fp)).sum())
-                undecided += int(((choice.soft() != choice.hard()) & choice.has_choice).sum())
-                fp.copy_(choice.hard())
+                fp, hard = getattr(param.module, param.fp_attr_name), choice.hard()
+                left += int((hard != self.quantizer.weight_quantizer_for(param.num_bits)(fp)).sum())
+                undecided += int(((choice.soft() != hard) & choice.has_choice).sum())
+                fp.copy_(hard)
         self.quantizer.quantize_params()
         self._eval_hook.remove()
         total = sum(choice.logits.numel() for _, choice in self.choices)

@@ -41,15 +41,12 @@ class LevelChoice(nn.Module):
         self.register_buffer("alpha", alpha)
         self.register_buffer("lower", torch.minimum(level, other))
         self.register_buffer("upper", torch.maximum(level, other))
+        self.register_buffer("has_choice", self.upper != self.lower)
         span = (self.upper - self.lower).clamp_min(1)
         # start at the FP value's place between the two, on the direct level's side of the middle
         start = ((position - self.lower) / span).clamp(0.01, 0.99)
         start = torch.where(level == self.upper, start.clamp_min(0.51), start.clamp_max(0.49))
         self.logits = nn.Parameter(-torch.log((ZETA - GAMMA) / (start - GAMMA) - 1))
-
-    @property
-    def has_choice(self):
-        return self.upper != self.lower
 
     def soft(self):
         """The weights with every choice soft: between the two levels, differentiable in ``logits``."""
