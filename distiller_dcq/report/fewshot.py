@@ -17,6 +17,7 @@ import csv
 import json
 import shlex
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -29,13 +30,14 @@ from .reproduce import NETWORKS, _resolve, resolve_common_args
 from .runs import exit_if_any_failed, portable_paths, run_compress_classifier, with_pythonpath
 
 # network -> the study's sizes (None: the full training part), epochs, images per epoch, batch size,
-# training-part size, the sizes at which each variant runs, and those of the arms that run at fewer sizes
+# training-part size, the sizes at which each variant runs, whether it has BatchNorm (then every run is
+# also tested after re-estimating its statistics), and those of the arms that run at fewer sizes
 STUDY = {
     "simplenet_mnist": dict(sizes=(60, 300, 1000, None), epochs=6, images_per_epoch=6400, batch=128, train_part=54000,
-                            variants={"a2": (1000,)},
+                            variants={"a2": (1000,)}, batchnorm=False,
                             arm_sizes={"dcq_blocks_mixed_labelfree": ()}),  # LeNet's 4 sections are its 4 layers
     "resnet20_cifar": dict(sizes=(512, 2048, 8192, None), epochs=10, images_per_epoch=2048, batch=64, train_part=45000,
-                           variants={"ternary": (512,), "a2": (2048,)},
+                           variants={"ternary": (512,)}, batchnorm=True,
                            arm_sizes={"dcq_blocks_mixed_labelfree": (512, 2048), "dcq_adaround_labelfree": (512, 2048)}),
 }
 # arm -> (schedule suffix, what it is, whether it reads labels)
@@ -125,6 +127,48 @@ def command(args, run):
             "--out-dir", args.out / "runs" / run.name, "--name", run.name]
 
 
+def recalibration_command(args, run, cmd):
+    """distiller_dcq.recalibrate on ``run``'s last checkpoint: its BatchNorm statistics re-estimated on
+    one epoch's worth of its training images (images-per-epoch; the N images, repeated), no labels."""
+    study = STUDY[run.arch]
+    checkpoints = sorted((args.out / "runs" / run.name).glob(f"{run.name}___*/{run.name}_checkpoint.pth.tar"),
+                         key=lambda p: p.stat().st_mtime)
+    option = dict(zip(cmd, cmd[1:]))
+    return [sys.executable, "-m", "distiller_dcq.recalibrate", cmd[cmd.index("--arch") + 2],
+            checkpoints[-1] if checkpoints else "(no checkpoint)", "--arch", run.arch, "--seed", str(run.seed),
+            "--vs", option["--vs"], "--effective-valid-size", option["--effective-valid-size"],
+            "-b", str(study["batch"]), "--train-batches", str(study["images_per_epoch"] // study["batch"])]
+
+
+def kept_recalibration(args, run, result):
+    """What an earlier distiller_dcq.recalibrate of ``run`` (as it is now) wrote, else None."""
+    path, run_path = args.out / "runs" / run.name / "recalibrated.json", args.out / "runs" / run.name / "result.json"
+    if not (path.exists() and path.stat().st_mtime >= run_path.stat().st_mtime):
+        return None
+    kept = json.loads(path.read_text())
+    return kept if kept["cmd"] == [str(c) for c in recalibration_command(args, run, result["cmd"])] else None
+
+
+def recalibrated(args, run, result, env, say, run_now=True):
+    """``result`` with ``recalibrated`` (distiller_dcq.recalibrate's output, kept in the run's
+    recalibrated.json) added, for networks with BatchNorm; ``run_now``: run it if not kept."""
+    if not STUDY[run.arch]["batchnorm"] or "failed" in result:
+        return result
+    kept = kept_recalibration(args, run, result)
+    if kept is None and run_now:
+        cmd = [str(c) for c in recalibration_command(args, run, result["cmd"])]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or ["no message"]
+            say(f"    {run.name}: re-estimating BatchNorm FAILED: {lines[-1]}")
+            return {**result, "recalibrated": {"failed": lines[-1], "cmd": cmd}}
+        kept = {**json.loads(done.stdout.strip().splitlines()[-1]), "cmd": cmd}
+        (args.out / "runs" / run.name / "recalibrated.json").write_text(json.dumps(kept))
+        say(f"    {run.name}: test top-1 {kept['test_top1_before']} -> {kept['test_top1']} after re-estimating "
+            f"BatchNorm on {kept['training_images']} training images")
+    return {**result, "recalibrated": kept} if kept else result
+
+
 def finished_result(args, run, cmd):
     """The result a finished run of exactly ``cmd`` left in ``--out``, else None."""
     path = args.out / "runs" / run.name / "result.json"
@@ -132,8 +176,11 @@ def finished_result(args, run, cmd):
     return result if result and result["cmd"] == [str(c) for c in cmd] else None
 
 
-def _top1s(runs, results):
-    return [results[r.name]["test_top1"] for r in runs if results.get(r.name, {}).get("test_top1") is not None]
+def _top1s(runs, results, recalibrated=False):
+    """The test top-1s of ``runs`` that finished (after re-estimating BatchNorm, if ``recalibrated``)."""
+    found = [results.get(r.name, {}) for r in runs]
+    found = [result.get("recalibrated", {}) if recalibrated else result for result in found]
+    return [result["test_top1"] for result in found if result.get("test_top1") is not None]
 
 
 def _cell(values, expected):
@@ -141,6 +188,24 @@ def _cell(values, expected):
         return "-"
     text = f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
     return text + (f" ({len(values)} of {expected})" if len(values) < expected else "")
+
+
+def _table(args, runs, results, arch, variant, recalibrated=False):
+    """Markdown rows: one per arm, one column per size, of ``arch``'s ``variant`` ("": the main study)."""
+    sizes = STUDY[arch]["variants"][variant] if variant else STUDY[arch]["sizes"]
+    arms = [arm for arm in VARIANT_ARMS if arm in args.arms] if variant else \
+        [arm for arm in args.arms if arm_sizes(arch, arm)]
+    lines = ["| arm | " + " | ".join(f"N = {n or 'full'}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for arm in arms:
+        cells = []
+        for size in sizes:
+            planned = [r for r in runs if (r.arch, r.size, r.arm, r.variant) == (arch, size, arm, variant)]
+            found = [results.get(r.name, {}) for r in planned]
+            found = [result.get("recalibrated", {}) for result in found] if recalibrated else found
+            cells.append("failed" if any("failed" in result for result in found)
+                         else _cell(_top1s(planned, results, recalibrated), len(planned)))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_results(args, runs, results):
@@ -164,29 +229,19 @@ def write_results(args, runs, results):
     lines += [f"| {arm} | {'yes' if ARMS[arm][2] else 'no'} | {ARMS[arm][1]} (`schedules/<network>_{ARMS[arm][0]}.yaml`) |"
               for arm in args.arms]
     for arch in args.networks:
-        sizes = STUDY[arch]["sizes"]
-        lines += ["", f"## {arch}", "", "| arm | " + " | ".join(f"N = {n or 'full'}" for n in sizes) + " |",
-                  "|---|" + "---|" * len(sizes)]
-        for arm in [arm for arm in args.arms if arm_sizes(arch, arm)]:
-            cells = []
-            for size in sizes:
-                planned = [r for r in runs if (r.arch, r.size, r.arm, r.variant) == (arch, size, arm, "")]
-                failed = [r for r in planned if "failed" in results.get(r.name, {})]
-                cells.append("failed" if failed else _cell(_top1s(planned, results), len(planned)))
-            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-        lines += ["", f"![{arch}](fewshot_{arch}.png)"]
-        for variant, sizes in STUDY[arch]["variants"].items():
-            if not any(r.arch == arch and r.variant == variant for r in runs):
-                continue
-            lines += ["", f"### {arch}, {VARIANTS[variant][1]}", "",
-                      "| arm | " + " | ".join(f"N = {n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
-            for arm in [arm for arm in VARIANT_ARMS if arm in args.arms]:
-                cells = []
-                for size in sizes:
-                    planned = [r for r in runs if (r.arch, r.size, r.arm, r.variant) == (arch, size, arm, variant)]
-                    failed = [r for r in planned if "failed" in results.get(r.name, {})]
-                    cells.append("failed" if failed else _cell(_top1s(planned, results), len(planned)))
-                lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines += ["", f"## {arch}", ""] + _table(args, runs, results, arch, "") + ["", f"![{arch}](fewshot_{arch}.png)"]
+        variants = [v for v in STUDY[arch]["variants"] if any(r.arch == arch and r.variant == v for r in runs)]
+        for variant in variants:
+            lines += ["", f"### {arch}, {VARIANTS[variant][1]}", ""] + _table(args, runs, results, arch, variant)
+        if STUDY[arch]["batchnorm"]:
+            lines += ["", f"### {arch}, after re-estimating BatchNorm", "",
+                      "The same runs' last checkpoints, their BatchNorm statistics re-estimated on one epoch's worth "
+                      f"of their own training images ({STUDY[arch]['images_per_epoch']}: the N images, repeated; no "
+                      "labels, no gradients) by `python -m distiller_dcq.recalibrate` (commands in each run's "
+                      "recalibrated.json), then tested.", ""]
+            for variant in [""] + variants:
+                lines += ([f"{VARIANTS[variant][1]}:", ""] if variant else []) + _table(
+                    args, runs, results, arch, variant, recalibrated=True) + [""]
     lines += ["", "## Commands", "", "Run from the directory the study ran in; `$DISTILLER_SRC` is Distiller's "
               "source directory, `schedules/` distiller-dcq's; each subset directory is made by "
               "`python -m distiller_dcq.subsets SOURCE --size N --seed S --repeat K --out DIR`.", ""]
@@ -194,11 +249,14 @@ def write_results(args, runs, results):
     (args.out / "results.md").write_text(portable_paths("\n".join(lines) + "\n", args.places))
     with open(args.out / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["run", "network", "N", "arm", "variant", "seed", "test_top1", "seconds"])
+        writer.writerow(["run", "network", "N", "arm", "variant", "seed", "test_top1", "test_top1_recalibrated_bn",
+                         "seconds"])
         for r in runs:
             result = results.get(r.name, {})
+            again = result.get("recalibrated", {})
             writer.writerow([r.name, r.arch, r.size or "full", r.arm, r.variant or "binary", r.seed,
-                             result.get("test_top1", result.get("failed", "")), round(result.get("seconds", 0))])
+                             result.get("test_top1", result.get("failed", "")),
+                             again.get("test_top1", again.get("failed", "")), round(result.get("seconds", 0))])
 
 
 def plot(args, runs, results):
@@ -265,11 +323,13 @@ def main(argv=None):
 
     commands = {run: command(args, run) for run in runs}  # makes the subset directories, before any run
     if args.report_only:
-        results.update((run.name, result) for run in runs if (result := finished_result(args, run, commands[run])))
+        results.update((run.name, recalibrated(args, run, result, env, print, run_now=False)) for run in runs
+                       if (result := finished_result(args, run, commands[run])))
         print(f"{len(results)} of {len(runs)} runs finished")
 
     def execute(run):
         result = run_compress_classifier(commands[run], args.out / "runs" / run.name, run.name, env=env, log=say)
+        result = recalibrated(args, run, result, env, say)
         with lock:
             results[run.name] = result
             done = len(results)
