@@ -54,10 +54,10 @@ def top1(model, loader):
 
 
 def recalibrate(arch, data_dir, checkpoint, seed, validation_split=0.1, effective_valid_size=1.0, batch_size=128,
-                train_batches=None, device="cpu", save=None, effective_test_size=1.0):
-    """Top-1 of ``checkpoint``'s network before and after re-estimating its BatchNorm statistics on one
-    pass over the run's training images (its first ``train_batches`` batches, if given); ``save``: where
-    to write the recalibrated checkpoint."""
+                train_batches=None, device="cpu", save=None, effective_test_size=1.0, test_before=True):
+    """Top-1 of ``checkpoint``'s network before (if ``test_before``) and after re-estimating its BatchNorm
+    statistics on one pass over the run's training images (its first ``train_batches`` batches, if
+    given); ``save``: where to write the recalibrated checkpoint."""
     from .engine import recalibrate_batchnorm
     if train_batches is not None and (not isinstance(train_batches, int) or train_batches < 1):
         raise ValueError(f"train_batches is a number of training batches (>= 1), got {train_batches!r}")
@@ -66,7 +66,7 @@ def recalibrate(arch, data_dir, checkpoint, seed, validation_split=0.1, effectiv
         raise ValueError(f"{arch} has no BatchNorm layer: there are no statistics to re-estimate")
     train, valid, test = run_loaders(arch, dataset, data_dir, seed, validation_split, effective_valid_size,
                                      batch_size, effective_test_size)
-    result = {"val_top1_before": top1(model, valid), "test_top1_before": top1(model, test)}
+    result = {"val_top1_before": top1(model, valid), "test_top1_before": top1(model, test)} if test_before else {}
     batches = [(inputs,) for inputs, _ in itertools.islice(train, train_batches)]
     recalibrate_batchnorm(model, batches)
     result.update(val_top1=top1(model, valid), test_top1=top1(model, test),
@@ -92,11 +92,13 @@ def main(argv=None):
     parser.add_argument("--train-batches", type=int, help="re-estimate on this many training batches (default: "
                                                              "one pass over the training part)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--skip-before", action="store_true", help="test only after (the run's log has before)")
     parser.add_argument("--save", help="write the network with its new statistics to this checkpoint file")
     args = parser.parse_args(argv)
     try:
         _, result = recalibrate(args.arch, args.data, args.checkpoint, args.seed, args.vs, args.effective_valid_size,
-                                args.batch_size, args.train_batches, args.device, args.save, args.effective_test_size)
+                                args.batch_size, args.train_batches, args.device, args.save, args.effective_test_size,
+                                not args.skip_before)
     except ValueError as err:
         parser.error(str(err))
     print(json.dumps(result))

@@ -137,7 +137,8 @@ def recalibration_command(args, run, cmd):
     return [sys.executable, "-m", "distiller_dcq.recalibrate", cmd[cmd.index("--arch") + 2],
             checkpoints[-1] if checkpoints else "(no checkpoint)", "--arch", run.arch, "--seed", str(run.seed),
             "--vs", option["--vs"], "--effective-valid-size", option["--effective-valid-size"],
-            "-b", str(study["batch"]), "--train-batches", str(study["images_per_epoch"] // study["batch"])]
+            "-b", str(study["batch"]), "--train-batches", str(study["images_per_epoch"] // study["batch"]),
+            "--skip-before"]  # the run's log has the test top-1 before
 
 
 def kept_recalibration(args, run, result):
@@ -164,7 +165,7 @@ def recalibrated(args, run, result, env, say, run_now=True):
             return {**result, "recalibrated": {"failed": lines[-1], "cmd": cmd}}
         kept = {**json.loads(done.stdout.strip().splitlines()[-1]), "cmd": cmd}
         (args.out / "runs" / run.name / "recalibrated.json").write_text(json.dumps(kept))
-        say(f"    {run.name}: test top-1 {kept['test_top1_before']} -> {kept['test_top1']} after re-estimating "
+        say(f"    {run.name}: test top-1 {result['test_top1']} -> {kept['test_top1']} after re-estimating "
             f"BatchNorm on {kept['training_images']} training images")
     return {**result, "recalibrated": kept} if kept else result
 
