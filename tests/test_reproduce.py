@@ -297,8 +297,7 @@ def test_the_fewshot_study_plans_its_variants_after_the_binary_runs_from_schedul
     assert {(run.arch, run.size, run.seed) for run in blocks} == {("resnet20_cifar", n, seed) for n in (512, 2048)
                                                                   for seed in (0, 1, 2)}
     adaround = {(run.arch, run.size) for run in runs if run.arm == "dcq_adaround_labelfree"}
-    assert adaround == {("simplenet_mnist", n) for n in fewshot.STUDY["simplenet_mnist"]["sizes"]} | {
-        ("resnet20_cifar", 512), ("resnet20_cifar", 2048)}
+    assert adaround == {(arch, n) for arch in fewshot.STUDY for n in fewshot.STUDY[arch]["sizes"]}
 
 
 def test_the_fewshot_study_trains_each_arm_on_fixed_subsets_with_equal_steps_and_reports_mean_and_std(
@@ -306,7 +305,8 @@ def test_the_fewshot_study_trains_each_arm_on_fixed_subsets_with_equal_steps_and
     from distiller_dcq.report import fewshot
     # a two-minute version of the LeNet study: N = 60 (two seeds) and all, one epoch of 120 images
     monkeypatch.setitem(fewshot.STUDY, "simplenet_mnist", dict(sizes=(60, None), epochs=1, images_per_epoch=120,
-                                                               batch=60, train_part=54000, variants={}))
+                                                               batch=60, train_part=54000, variants={},
+                                                               batchnorm=False))
     monkeypatch.chdir(ROOT)
     out = tmp_path / "study"
     args = ["--distiller-src", str(distiller_src), "--networks", "simplenet_mnist", "--arms", "dcq_ce",
@@ -340,3 +340,18 @@ def test_reproduce_refuses_a_run_planned_twice_and_no_jobs_before_any_run(tmp_pa
     none = reproduce(distiller_src, "--networks", "simplenet_mnist", "--jobs", "0", "--out", tmp_path / "out")
     assert none.returncode != 0 and "--jobs is a number of runs at a time" in none.stderr
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_the_fewshot_tables_show_the_recalibrated_runs_apart_and_name_a_failed_recalibration():
+    from distiller_dcq.report import fewshot
+    args = SimpleNamespace(networks=["resnet20_cifar"], arms=["kd_labelfree"], seeds=[0, 1], many_seeds_up_to=2048,
+                           variants=[])
+    runs = [run for run in fewshot.plan(args) if run.size == 512]
+    results = {runs[0].name: {"test_top1": 70.0, "recalibrated": {"test_top1": 74.0}},
+               runs[1].name: {"test_top1": 72.0, "recalibrated": {"test_top1": 78.0}}}
+    assert fewshot._table(args, runs, results, "resnet20_cifar", "")[2] == "| kd_labelfree | 71.00 ± 1.41 | - | - | - |"
+    recalibrated = fewshot._table(args, runs, results, "resnet20_cifar", "", recalibrated=True)
+    assert recalibrated[2] == "| kd_labelfree | 76.00 ± 2.83 | - | - | - |"
+    results[runs[1].name]["recalibrated"] = {"failed": "no checkpoint"}
+    assert fewshot._table(args, runs, results, "resnet20_cifar", "", recalibrated=True)[2].startswith(
+        "| kd_labelfree | failed |")

@@ -38,7 +38,7 @@ STUDY = {
                             arm_sizes={"dcq_blocks_mixed_labelfree": ()}),  # LeNet's 4 sections are its 4 layers
     "resnet20_cifar": dict(sizes=(512, 2048, 8192, None), epochs=10, images_per_epoch=2048, batch=64, train_part=45000,
                            variants={"ternary": (512,)}, batchnorm=True,
-                           arm_sizes={"dcq_blocks_mixed_labelfree": (512, 2048), "dcq_adaround_labelfree": (512, 2048)}),
+                           arm_sizes={"dcq_blocks_mixed_labelfree": (512, 2048)}),
 }
 # arm -> (schedule suffix, what it is, whether it reads labels)
 ARMS = {
