@@ -236,10 +236,10 @@ def write_results(args, runs, results):
             lines += ["", f"### {arch}, {VARIANTS[variant][1]}", ""] + _table(args, runs, results, arch, variant)
         if STUDY[arch]["batchnorm"]:
             lines += ["", f"### {arch}, after re-estimating BatchNorm", "",
-                      "The same runs' last checkpoints, their BatchNorm statistics re-estimated on one epoch's worth "
-                      f"of their own training images ({STUDY[arch]['images_per_epoch']}: the N images, repeated; no "
-                      "labels, no gradients) by `python -m distiller_dcq.recalibrate` (commands in each run's "
-                      "recalibrated.json), then tested.", ""]
+                      "The same runs' last checkpoints, their BatchNorm statistics re-estimated on "
+                      f"{STUDY[arch]['images_per_epoch']} of their own training images (one epoch's worth: the N "
+                      "images, repeated, for N below it; no labels, no gradients) by `python -m "
+                      "distiller_dcq.recalibrate` (commands in each run's recalibrated.json), then tested.", ""]
             for variant in [""] + variants:
                 lines += ([f"{VARIANTS[variant][1]}:", ""] if variant else []) + _table(
                     args, runs, results, arch, variant, recalibrated=True) + [""]
@@ -261,32 +261,36 @@ def write_results(args, runs, results):
 
 
 def plot(args, runs, results):
+    """fewshot_<network>.png: test top-1 against N per arm; beside it, for networks with BatchNorm, the
+    same after re-estimating the statistics."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     for arch in args.networks:
         study = STUDY[arch]
         full_at = study["train_part"]  # where "full" sits on the N axis
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for arm in args.arms:
-            points = []
-            for size in study["sizes"]:
-                values = _top1s([r for r in runs if (r.arch, r.size, r.arm, r.variant) == (arch, size, arm, "")],
-                                results)
-                if values:
-                    points.append((size or full_at, statistics.mean(values),
-                                   statistics.stdev(values) if len(values) > 1 else 0.0))
-            if points:
-                xs, means, stds = zip(*points)
-                ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=arm,
-                            linestyle="-" if arm.startswith("dcq") else "--")
-        ax.set_xscale("log")
-        ax.set_xticks([n or full_at for n in study["sizes"]], [str(n) if n else f"full\n({full_at})" for n in
-                                                                study["sizes"]])
-        ax.set(title=f"{arch}: binary weights, equal steps", xlabel="training images N (log scale)",
-               ylabel="test top-1 (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        panels = [False, True] if study["batchnorm"] else [False]
+        fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), sharey=True, squeeze=False)
+        for ax, recalibrated in zip(axes[0], panels):
+            for arm in args.arms:
+                points = []
+                for size in study["sizes"]:
+                    values = _top1s([r for r in runs if (r.arch, r.size, r.arm, r.variant) == (arch, size, arm, "")],
+                                    results, recalibrated)
+                    if values:
+                        points.append((size or full_at, statistics.mean(values),
+                                       statistics.stdev(values) if len(values) > 1 else 0.0))
+                if points:
+                    xs, means, stds = zip(*points)
+                    ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=arm,
+                                linestyle="-" if arm.startswith("dcq") else "--")
+            ax.set_xscale("log")
+            ax.set_xticks([n or full_at for n in study["sizes"]], [str(n) if n else f"full\n({full_at})" for n in
+                                                                    study["sizes"]])
+            ax.set(title=f"{arch}: binary weights, equal steps" + (", BatchNorm re-estimated" if recalibrated else ""),
+                   xlabel="training images N (log scale)", ylabel="test top-1 (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(args.out / f"fewshot_{arch}.png", dpi=120)
         plt.close(fig)
