@@ -3,9 +3,9 @@
 For every network, training-set size N and seed it makes a fixed, class-balanced subset of N images
 (``distiller_dcq.subsets``; "full": the whole training part, a new random part each epoch) and runs
 every arm's schedule through Distiller's unmodified compress_classifier.py from the same FP teacher.
-Every run of a network takes the same number of optimizer steps, whatever N and the arm: an epoch
-is ``--images-per-epoch`` images (a subset's images are each seen N/images-per-epoch times per
-epoch; N above it: one pass), the schedule's own epochs. Writes into ``--out``: ``results.md`` (test
+Every arm takes the same number of optimizer steps at a given N: an epoch is the network's
+images-per-epoch (a subset's images each seen images-per-epoch/N times; "full": that many drawn
+anew; a subset larger than it: one pass, so more steps), the schedule's own epochs. Writes into ``--out``: ``results.md`` (test
 top-1, mean ± std over the seeds, and every command), ``results.csv`` (one row per run) and
 ``fewshot_<network>.png`` (test top-1 against N, log scale, error bars: std over the seeds).
 Finished runs are reused.
@@ -209,6 +209,16 @@ def _table(args, runs, results, arch, variant, recalibrated=False):
     return lines
 
 
+def _budget(arch):
+    study = STUDY[arch]
+    steps = study["epochs"] * study["images_per_epoch"] // study["batch"]
+    larger = [n for n in study["sizes"] if n and n > study["images_per_epoch"]]
+    return (f"{arch}: {study['epochs']} epochs of {study['images_per_epoch']} images in batches of {study['batch']} "
+            f"({steps} steps; all: a new random part of the training set each epoch"
+            + "".join(f"; N = {n}: one pass over the {n} images per epoch, {study['epochs'] * n // study['batch']} "
+                      f"steps" for n in larger) + ")")
+
+
 def write_results(args, runs, results):
     import torch
     lines = ["# Few-shot and label-free binary-weight quantization: DCQ against QAT and KD", "",
@@ -219,10 +229,7 @@ def write_results(args, runs, results):
              f"the seed draws the N images too. Every run: Distiller's unmodified compress_classifier.py from "
              f"the same FP teacher, SGD lr {args.lr} momentum 0.9, binary weights x one "
              f"scale per layer and FP activations unless a table's title says otherwise.", "",
-             "Budget, equal across arms and sizes: " + "; ".join(
-                 f"{arch}: {STUDY[arch]['epochs']} epochs of {STUDY[arch]['images_per_epoch']} images in batches of "
-                 f"{STUDY[arch]['batch']} ({STUDY[arch]['epochs'] * STUDY[arch]['images_per_epoch'] // STUDY[arch]['batch']} "
-                 f"steps; N above that: one pass per epoch)" for arch in args.networks)
+             "Budget, equal across the arms at each N: " + "; ".join(_budget(arch) for arch in args.networks)
              + ". A subset of N images is seen about images-per-epoch / N times per epoch.", "",
              f"Machine: {torch.__version__} on CPU, OMP_NUM_THREADS=1, {args.jobs} run(s) at a time; CIFAR-10 is the "
              f"lossy JPEG copy (compare the arms with each other, not with published CIFAR-10 numbers).", "",
@@ -287,7 +294,7 @@ def plot(args, runs, results):
             ax.set_xscale("log")
             ax.set_xticks([n or full_at for n in study["sizes"]], [str(n) if n else f"full\n({full_at})" for n in
                                                                     study["sizes"]])
-            ax.set(title=f"{arch}: binary weights, equal steps" + (", BatchNorm re-estimated" if recalibrated else ""),
+            ax.set(title=f"{arch}: binary weights" + (", BatchNorm re-estimated" if recalibrated else ""),
                    xlabel="training images N (log scale)", ylabel="test top-1 (%)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
