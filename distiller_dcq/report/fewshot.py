@@ -5,10 +5,11 @@ For every network, training-set size N and seed it makes a fixed, class-balanced
 every arm's schedule through Distiller's unmodified compress_classifier.py from the same FP teacher.
 Every arm takes the same number of optimizer steps at a given N: an epoch is the network's
 images-per-epoch (a subset's images each seen images-per-epoch/N times; "full": that many drawn
-anew; a subset larger than it: one pass, so more steps), the schedule's own epochs. Writes into ``--out``: ``results.md`` (test
-top-1, mean ± std over the seeds, and every command), ``results.csv`` (one row per run) and
-``fewshot_<network>.png`` (test top-1 against N, log scale, error bars: std over the seeds).
-Finished runs are reused.
+anew; a subset larger than it: one pass, so more steps), the schedule's own epochs. Writes into
+``--out``: ``results.md`` (test top-1, mean ± std over the seeds, and every command), ``results.csv``
+(one row per run) and ``fewshot_<network>.png`` (test top-1 against N, log scale, error bars: std over
+the seeds). Networks with BatchNorm: every run tested again after re-estimating its statistics
+(``distiller_dcq.recalibrate``). Finished runs are reused.
 
     python -m distiller_dcq.report.fewshot --distiller-src DISTILLER --out results/fewshot --jobs 2
 """
@@ -245,8 +246,12 @@ def write_results(args, runs, results):
             lines += ["", f"### {arch}, after re-estimating BatchNorm", "",
                       "The same runs' last checkpoints, their BatchNorm statistics re-estimated on "
                       f"{STUDY[arch]['images_per_epoch']} of their own training images (one epoch's worth: the N "
-                      "images, repeated, for N below it; no labels, no gradients) by `python -m "
-                      "distiller_dcq.recalibrate` (commands in each run's recalibrated.json), then tested.", ""]
+                      "images, repeated, for N below it; no labels, no gradients), then tested: for each run, "
+                      f"`python -m distiller_dcq.recalibrate DATA {args.out / 'runs'}/NAME/NAME___*/NAME_checkpoint.pth.tar "
+                      f"--arch "
+                      f"{arch} --seed SEED --vs 0.1 --effective-valid-size {args.valid_size} -b {STUDY[arch]['batch']} "
+                      f"--train-batches {STUDY[arch]['images_per_epoch'] // STUDY[arch]['batch']} --skip-before` "
+                      "(DATA, NAME and SEED as in the run's command below).", ""]
             for variant in [""] + variants:
                 lines += ([f"{VARIANTS[variant][1]}:", ""] if variant else []) + _table(
                     args, runs, results, arch, variant, recalibrated=True) + [""]
