@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The prepared CUDA check: on a machine with one NVIDIA GPU and no network, in about five minutes,
+# The prepared CUDA check: on a machine with one NVIDIA GPU and no network, in under eight minutes,
 # install what the machine lacks from carried files, run the engine tests with CUDA required, and train
-# DCQ vs DoReFa binary on the GPU through Distiller's unmodified compress_classifier.py.
+# DCQ vs DoReFa binary, and the few-shot study's best DCQ arm vs its best baseline, on the GPU through
+# Distiller's unmodified compress_classifier.py.
 #
 #   benchmarks/cuda/stage.sh /path/to/distiller   # here, once: fills the git-ignored .device/ (< 64 MiB)
 #   bash benchmarks/cuda_check.sh                   # there, from the repository root, with .device carried
@@ -14,12 +15,14 @@
 # 4. pytest: tests/test_engine_on_device.py (CUDA vs CPU; DCQ_REQUIRE_CUDA=1 so nothing skips for want of
 #    a GPU) and the engine tests.
 # 5. LeNet/MNIST (full) and ResNet-20/CIFAR-10 subset, DCQ vs DoReFa binary, each from its FP teacher, with
-#    the command lines of the schedules' headers (benchmarks/cuda/run_checks.py).
+#    the command lines of the schedules' headers; then ResNet-20 on 512 fixed training images, DCQ with
+#    AdaRound level choices vs KD, both without labels, 10 epochs each, and BatchNorm re-estimation of
+#    both on the GPU (benchmarks/cuda/run_checks.py).
 # 6. $OUT/cuda_check.md (test top-1, seconds per training epoch, GPU, torch/CUDA versions), cuda_check.json,
 #    cuda_check_console.txt, cuda_check_logs.tar.gz. Exit 0 only if the tests and every run passed.
 #
 # Settings (environment): OUT (default WORK/out); CUDA_CHECK_WORK (a new /tmp dir); CUDA_CHECK_STAGE
-# (.device); DISTILLER_SRC (STAGE/distiller); CUDA_CHECK_PYTHON (python3); CUDA_CHECK_BUDGET_S (330:
+# (.device); DISTILLER_SRC (STAGE/distiller); CUDA_CHECK_PYTHON (python3); CUDA_CHECK_BUDGET_S (450:
 # seconds from the start by which the tests and runs must have ended); CUDA_CHECK_LENET_EPOCHS (2);
 # CUDA_CHECK_RESNET_EPOCHS (5: ResNet-20's DCQ schedule trains its 4 sections one epoch each, then
 # fine-tunes; with fewer epochs a copy of it with a shorter window runs); CUDA_CHECK_WORKERS (8).
@@ -82,12 +85,13 @@ if [ "$DRY" = 1 ]; then
   LENET_EPOCHS=${CUDA_CHECK_LENET_EPOCHS:-2}; RESNET_EPOCHS=${CUDA_CHECK_RESNET_EPOCHS:-2}
   WORKERS=${CUDA_CHECK_WORKERS:-0}; INSTALL=${CUDA_CHECK_INSTALL:-0}
   EXTRA="--effective-train-size 0.02 --effective-valid-size 0.1 --effective-test-size 0.05"
+  FEW_SHOT="--few-shot-images 40 --few-shot-repeat 1"
 else
   LENET_EPOCHS=${CUDA_CHECK_LENET_EPOCHS:-2}; RESNET_EPOCHS=${CUDA_CHECK_RESNET_EPOCHS:-5}
-  WORKERS=${CUDA_CHECK_WORKERS:-8}; INSTALL=1; EXTRA=""
+  WORKERS=${CUDA_CHECK_WORKERS:-8}; INSTALL=1; EXTRA=""; FEW_SHOT=""
 fi
 PKG_PATH=; [ "$INSTALL" = 1 ] || PKG_PATH=$REPO  # without the install: the checkout's distiller_dcq
-DEADLINE=$(( START + ${CUDA_CHECK_BUDGET_S:-330} ))
+DEADLINE=$(( START + ${CUDA_CHECK_BUDGET_S:-450} ))
 PROBLEMS=()
 
 # --- 2. installs ------------------------------------------------------------------------------------------------
@@ -134,7 +138,7 @@ say "CIFAR-10 subset: $(find "$SHARED/data/cifar10-jpeg/train" -name '*.jpg' | w
     "$(find "$SHARED/data/cifar10-jpeg/test" -name '*.jpg' | wc -l) test images"
 
 # --- 4. tests -------------------------------------------------------------------------------------------------------
-TESTS="tests/test_engine_on_device.py tests/test_sections.py tests/test_losses.py tests/test_quantizers.py tests/test_autoload.py"
+TESTS="tests/test_engine_on_device.py tests/test_sections.py tests/test_losses.py tests/test_quantizers.py tests/test_rounding.py tests/test_autoload.py"
 REQUIRE_CUDA=0; [ "$DEVICE" = cuda ] && REQUIRE_CUDA=1
 TEST_LIMIT=$(( DEADLINE - $(date +%s) - 120 )); [ $TEST_LIMIT -le 180 ] || TEST_LIMIT=180
 [ $TEST_LIMIT -ge 30 ] || TEST_LIMIT=30
@@ -161,7 +165,7 @@ set +e
 PYTHONPATH=${PKG_PATH:+$PKG_PATH:}$DISTILLER_SRC "$PY" "$REPO/benchmarks/cuda/run_checks.py" --device "$DEVICE" \
   --distiller-src "$DISTILLER_SRC" --shared "$SHARED" --work "$WORK" --out "$OUT" --lenet-epochs "$LENET_EPOCHS" \
   --resnet-epochs "$RESNET_EPOCHS" --workers "$WORKERS" --extra "$EXTRA" --deadline "$DEADLINE" \
-  --tests-json "$WORK/tests.json"
+  --tests-json "$WORK/tests.json" $FEW_SHOT
 RUNS_RC=$?
 set -e
 [ "$RUNS_RC" = 0 ] || PROBLEMS+=("training runs: see $OUT/cuda_check.md")

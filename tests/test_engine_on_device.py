@@ -1,5 +1,6 @@
 """The engine on a CUDA device gives the CPU's results: weight quantizers, section losses, and the section
-wiring in parallel and sequential mode (split, training steps, merge), plain and under DataParallel.
+wiring in parallel and sequential mode (split, training steps, merge), plain and under DataParallel, DCQ's
+relatives' parts, AdaRound level choices and BatchNorm re-estimation.
 
 Each test runs once per device: ``cpu`` (the same code against a second CPU run, so CI exercises these
 tests) and ``cuda``, skipped, saying why, where there is no CUDA device (CI never has one).
@@ -204,4 +205,52 @@ def test_the_relatives_engine_parts_run_on_the_device_and_match_the_cpu(device):
         assert logits.device.type == dev.type
         results.append((logits, feats[0].grad, *losses, module.adaptors[0][1].running_mean))
     for cpu, dev in zip(*results):
+        close(dev, cpu)
+
+
+# --- AdaRound level choices and BatchNorm re-estimation (the few-shot schedules) ---------------------
+
+@pytest.mark.parametrize("quantizer", [BinaryWeights("layer"), TernaryWeights("layer")], ids=repr)
+def test_adaround_level_choices_train_on_the_device_as_on_the_cpu(device, quantizer):
+    from distiller_dcq.engine.rounding import LevelChoice
+    generator = torch.Generator().manual_seed(0)
+    fp = on_grid(0.1 * torch.randn(16, 8, 3, 3, generator=generator))
+    target = torch.randn(fp.shape, generator=generator)
+    results = []
+    for dev in (torch.device("cpu"), device):
+        w = fp.to(dev)
+        quantized = quantizer.to(dev)(w)
+        choice = LevelChoice(w, quantized, quantized.abs().max(), isinstance(quantizer, TernaryWeights))
+        optimizer = torch.optim.Adam([choice.logits], lr=0.1)
+        for beta in (None, 20.0, 2.0):  # AdaRound's warm-up, then the annealed regularizer
+            loss = ((choice.soft() - target.to(dev)) ** 2).mean()
+            if beta is not None:
+                loss = loss + choice.regularizer(beta)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        assert choice.logits.device.type == dev.type and choice.hard().device.type == dev.type
+        results.append((choice.logits, choice.soft(), choice.hard(), choice.has_choice))
+    (logits_cpu, soft_cpu, hard_cpu, has_cpu), (logits_dev, soft_dev, hard_dev, has_dev) = results
+    assert torch.equal(has_dev.cpu(), has_cpu)  # which weights may leave their level: exact
+    close(logits_dev, logits_cpu)
+    close(soft_dev, soft_cpu)
+    decided = logits_cpu.abs() > 1e-3  # a choice this far from 0 cannot flip on float32 differences
+    assert torch.equal(hard_dev.cpu()[decided], hard_cpu[decided])
+
+
+def test_batchnorm_re_estimation_on_the_device_gives_the_cpus_statistics(device):
+    from distiller_dcq.engine import recalibrate_batchnorm
+    generator = torch.Generator().manual_seed(0)
+    inputs = [(torch.randn(16, 3, 8, 8, generator=generator) * 2 + 1,) for _ in range(3)]  # left on the CPU
+    results = []
+    for dev in (torch.device("cpu"), device):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3),
+                              nn.BatchNorm2d(4)).to(dev).eval()
+        recalibrate_batchnorm(model, inputs)
+        assert not model.training and all(m.momentum == 0.1 for m in model if isinstance(m, nn.BatchNorm2d))
+        results.append([t for m in model if isinstance(m, nn.BatchNorm2d) for t in (m.running_mean, m.running_var)])
+    for cpu, dev in zip(*results):
+        assert dev.device.type == device.type
         close(dev, cpu)

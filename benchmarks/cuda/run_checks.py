@@ -1,6 +1,8 @@
 """The training part of benchmarks/cuda_check.sh: DCQ vs DoReFa binary on LeNet/MNIST and on ResNet-20 with a
 CIFAR-10 JPEG subset, each from its FP teacher, through Distiller's unmodified compress_classifier.py (on the
-GPU unless --device cpu). Writes test top-1 and seconds per training epoch, with the machine and software, to
+GPU unless --device cpu); then the few-shot study's best DCQ arm (AdaRound level choices, no labels) and its
+best baseline (KD without labels) on 512 fixed ResNet-20 training images, each followed by BatchNorm
+re-estimation (distiller_dcq.recalibrate) on the same device. Writes test top-1 and seconds per training epoch, with the machine and software, to
 OUT/cuda_check.md and OUT/cuda_check.json, rewritten after every run so that a cut-off check still reports.
 
 Each run's command line is the one in its schedule's header, with the data, teacher, epochs and workers of
@@ -18,26 +20,46 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
 from distiller_dcq.report.runs import parse_distiller_log, portable_paths
+from distiller_dcq.subsets import read_subset_dir, write_subset_dir
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEDULES = REPO / "schedules"
 
-# (network, method, schedule, data under --shared, teacher under --shared, which --*-epochs)
+
+
+class Check(NamedTuple):
+    """One run: ``data`` and ``teacher`` under --shared; ``epochs``: which --*-epochs, or "schedule" for the
+    schedule's own, unchanged; ``few_shot``: on --few-shot-images fixed training images (a distiller_dcq.subsets
+    directory, seed 0); ``recalibrate``: re-estimate its BatchNorm statistics afterwards (distiller_dcq.recalibrate)."""
+    network: str
+    method: str
+    schedule: str
+    data: str
+    teacher: str
+    epochs: str
+    few_shot: bool = False
+    recalibrate: bool = False
+
+
+LENET = ("data/mnist", "teachers/simplenet_mnist_fp.pth.tar")
+RESNET = ("data/cifar10-jpeg", "teachers/resnet20_cifar_fp.pth.tar")
+FEW_SHOT = "ResNet-20/CIFAR-10, N = {images}"
 RUNS = [
-    ("LeNet/MNIST", "DCQ binary", "simplenet_mnist_dcq_binary.yaml", "data/mnist",
-     "teachers/simplenet_mnist_fp.pth.tar", "lenet"),
-    ("LeNet/MNIST", "DoReFa binary", "simplenet_mnist_dorefa_binary.yaml", "data/mnist",
-     "teachers/simplenet_mnist_fp.pth.tar", "lenet"),
-    ("ResNet-20/CIFAR-10 subset", "DCQ binary", "resnet20_cifar_dcq_binary.yaml", "data/cifar10-jpeg",
-     "teachers/resnet20_cifar_fp.pth.tar", "resnet"),
-    ("ResNet-20/CIFAR-10 subset", "DoReFa binary", "resnet20_cifar_dorefa_binary.yaml", "data/cifar10-jpeg",
-     "teachers/resnet20_cifar_fp.pth.tar", "resnet"),
+    Check("LeNet/MNIST", "DCQ binary", "simplenet_mnist_dcq_binary.yaml", *LENET, "lenet"),
+    Check("LeNet/MNIST", "DoReFa binary", "simplenet_mnist_dorefa_binary.yaml", *LENET, "lenet"),
+    Check("ResNet-20/CIFAR-10 subset", "DCQ binary", "resnet20_cifar_dcq_binary.yaml", *RESNET, "resnet"),
+    Check("ResNet-20/CIFAR-10 subset", "DoReFa binary", "resnet20_cifar_dorefa_binary.yaml", *RESNET, "resnet"),
+    # the few-shot study's best DCQ arm and its best baseline (benchmarks/results/fewshot), no labels read
+    Check(FEW_SHOT, "KD without labels", "resnet20_cifar_kd_binary_labelfree.yaml", *RESNET, "schedule", True, True),
+    Check(FEW_SHOT, "DCQ AdaRound, no labels", "resnet20_cifar_dcq_binary_adaround_labelfree.yaml", *RESNET, "schedule",
+          True, True),
 ]
-SHOWN = re.compile(r"Training epoch|==> Top1|DCQ \w+: (split|epoch \d+ trains|merged)|Traceback|Error|error:")
+SHOWN = re.compile(r"Training epoch|==> Top1|DCQ \w+: (split|epoch \d+ trains|merged)|AdaRound \w+: |Traceback|Error|error:")
 FLAGS = {"--cpu", "--deterministic", "--det", "--pretrained", "--evaluate", "-e", "--verbose", "-v"}
 
 
@@ -127,12 +149,12 @@ def schedule_for(schedule_file, epochs, work):
     schedule = yaml.safe_load(text)
     notes = fit_schedule(schedule, epochs)
     if not notes:
-        return schedule_file, text, []
+        return schedule_file, []
     copy = Path(work) / "schedules" / schedule_file.name
     copy.parent.mkdir(parents=True, exist_ok=True)
     copy.write_text(f"# {schedule_file.name} fitted to {epochs} epochs by benchmarks/cuda/run_checks.py: "
                     f"{'; '.join(notes)}\n" + yaml.safe_dump(schedule, sort_keys=False))
-    return copy, text, notes
+    return copy, notes
 
 
 # --- running ------------------------------------------------------------------------------------------------
@@ -164,26 +186,35 @@ def run(cmd, cwd, console, timeout):
 
 
 def one_run(spec, args, deadline):
-    network, method, schedule_name, data, teacher, which = spec
-    epochs = args.lenet_epochs if which == "lenet" else args.resnet_epochs
-    name = re.sub(r"\W+", "_", f"{schedule_name[:-5]}")
+    name = re.sub(r"\W+", "_", spec.schedule[:-5] + (f"_n{args.few_shot_images}" if spec.few_shot else ""))
     out_dir = Path(args.work) / "runs" / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    schedule, text, notes = schedule_for(SCHEDULES / schedule_name, epochs, args.work)
+    data, extra = Path(args.shared) / spec.data, args.extra.split()
+    if spec.few_shot:  # the subset fixes the training images: no --effective-train-size
+        data = Path(args.work) / "subsets" / f"{Path(spec.data).name}_n{args.few_shot_images}"
+        write_subset_dir(str(Path(args.shared) / spec.data), args.few_shot_images, 0, str(data), args.few_shot_repeat)
+        extra = [t for i, t in enumerate(extra) if "--effective-train-size" not in (t, extra[i - 1] if i else "")]
+    header = header_command((SCHEDULES / spec.schedule).read_text())
+    if spec.epochs == "schedule":
+        epochs, schedule, notes = int(header[header.index("--epochs") + 1]), SCHEDULES / spec.schedule, []
+    else:
+        epochs = args.lenet_epochs if spec.epochs == "lenet" else args.resnet_epochs
+        schedule, notes = schedule_for(SCHEDULES / spec.schedule, epochs, args.work)
     script = Path(args.distiller_src) / "examples" / "classifier_compression" / "compress_classifier.py"
     cmd = [sys.executable, str(script), *adapt_command(
-        header_command(text), data=Path(args.shared) / data, schedule=schedule, teacher=Path(args.shared) / teacher,
+        header, data=data, schedule=schedule, teacher=Path(args.shared) / spec.teacher,
         epochs=epochs, workers=args.workers, cpu=args.device == "cpu",
-        extra=["--out-dir", str(out_dir), "--name", name, *args.extra.split()])]
-    result = {"network": network, "method": method, "schedule": schedule_name, "epochs": epochs,
+        extra=["--out-dir", str(out_dir), "--name", name, *extra])]
+    result = {"network": spec.network.format(images=args.few_shot_images), "method": spec.method, "schedule": spec.schedule, "epochs": epochs,
               "schedule_changes": notes, "cmd": cmd}
+    label = f"{result['network']} {spec.method}"
     left = deadline - time.time() - args.reserve
     if left < 20:
-        log(f"{network} {method}: skipped, {left + args.reserve:.0f} s left of the check's budget")
+        log(f"{label}: skipped, {left + args.reserve:.0f} s left of the check's budget")
         return {**result, "status": "skipped: out of time"}
     for note in notes:
-        log(f"{schedule_name}: {note}")
-    log(f"{network} {method}: {epochs} epochs, time limit {left:.0f} s")
+        log(f"{spec.schedule}: {note}")
+    log(f"{label}: {epochs} epochs, time limit {left:.0f} s")
     start = time.time()
     rc = run(cmd, out_dir, out_dir / "console.txt", left)
     result["wall_s"] = round(time.time() - start, 1)
@@ -202,14 +233,48 @@ def one_run(spec, args, deadline):
         result["status"] = "failed: Distiller's log does not show a GPU (Number of GPUs)"
     elif result.get("test_top1") is None:
         result["status"] = "failed: no test top-1 in Distiller's log"
-    elif method.startswith("DCQ") and not result.get("stitched_top1"):
+    elif spec.method.startswith("DCQ") and not result.get("stitched_top1"):
         result["status"] = "failed: the DCQ stage never merged (no stitched-network accuracy in the log)"
     else:
         result["status"] = "ok"
     seconds = result.get("train_seconds") or []
-    log(f"{network} {method}: {result['status']}; test top-1 {result.get('test_top1')}; s/training epoch "
+    log(f"{label}: {result['status']}; test top-1 {result.get('test_top1')}; s/training epoch "
         f"{[round(s, 1) for s in seconds]}; wall {result['wall_s']} s")
+    if spec.recalibrate and result["status"] == "ok":
+        result.update(recalibrate(cmd, data, out_dir, name, args, deadline))
+        if result["recalibration_status"] != "ok":
+            result["status"] = f"BatchNorm re-estimation {result['recalibration_status']}"
     return result
+
+
+def recalibrate(cmd, data, out_dir, name, args, deadline):
+    """distiller_dcq.recalibrate on the run's checkpoint, on ``args.device``: its BatchNorm statistics
+    re-estimated on one epoch's worth of its training images. Returns its command, result and status."""
+    option = dict(zip(cmd, cmd[1:]))
+    checkpoints = sorted(out_dir.glob(f"{name}___*/{name}_checkpoint.pth.tar"), key=os.path.getmtime)
+    _, size, _, repeat = read_subset_dir(str(data))
+    batch = int(option.get("-b", option.get("--batch-size", 256)))
+    recal = [sys.executable, "-m", "distiller_dcq.recalibrate", str(data),
+             str(checkpoints[-1]) if checkpoints else "(no checkpoint)", "--arch", option["--arch"],
+             "--seed", option["--seed"], "--vs", option.get("--vs", "0.1"), "-b", str(batch),
+             "--train-batches", str(max(1, size * repeat // batch)), "--device", args.device, "--skip-before"]
+    for flag in ("--effective-valid-size", "--effective-test-size"):
+        if flag in option:
+            recal += [flag, option[flag]]
+    left = deadline - time.time() - args.reserve
+    if not checkpoints or left < 10:
+        return {"recalibration_cmd": recal, "recalibration_status": "not run: " + (
+            "no checkpoint" if not checkpoints else "out of time")}
+    start = time.time()
+    rc = run(recal, out_dir, out_dir / "recalibrate.txt", left)
+    lines = (out_dir / "recalibrate.txt").read_text().strip().splitlines() or ["no output"]
+    found = {"recalibration_cmd": recal, "recalibration_wall_s": round(time.time() - start, 1)}
+    if rc != 0:
+        return {**found, "recalibration_status": "timed out" if rc is None else f"failed (exit {rc}): {lines[-1]}"}
+    found.update(recalibrated=json.loads(lines[-1]), recalibration_status="ok")
+    log(f"{name}: BatchNorm re-estimated on {args.device} in {found['recalibration_wall_s']} s: test top-1 "
+        f"{found['recalibrated']['test_top1']:.2f}")
+    return found
 
 
 # --- the machine and the report -------------------------------------------------------------------------------
@@ -258,21 +323,25 @@ def write_report(out, env, tests, results, places):
              f"- tests: `{tests.get('command', '-')}`: {tests.get('summary', 'not run')} (exit {tests.get('rc', '-')})",
              "", "Each run from its FP teacher (`--exp-load-weights-from`), Distiller's unmodified "
              "compress_classifier.py, the command line of the schedule's header with this check's epochs and "
-             "data. Seconds per training epoch: Distiller's log timestamps, validation excluded.", "",
-             "| network | method | epochs | test top-1 | stitched top-1 at merge | s / training epoch (mean; each) "
-             "| run wall s | GPUs seen | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "data. Seconds per training epoch: Distiller's log timestamps, validation excluded. The few-shot runs "
+             "(N images) train on a fixed subset directory (distiller_dcq.subsets, seed 0) of the carried "
+             "CIFAR-10 subset, so their numbers are not the few-shot study's; afterwards distiller_dcq.recalibrate re-estimates their BatchNorm statistics on the same device.", "",
+             "| network | method | epochs | test top-1 | stitched top-1 at merge | test top-1, BatchNorm re-estimated "
+             "| s / training epoch (mean; each) | run wall s | GPUs seen | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         seconds = r.get("train_seconds") or []
         stitched = r.get("stitched_top1") or []
         lines.append(f"| {r['network']} | {r['method']} | {r['epochs']} | {fmt(r.get('test_top1'))} | "
-                     f"{fmt(stitched[-1]) if stitched else '-'} | {fmt(mean(seconds))}; "
+                     f"{fmt(stitched[-1]) if stitched else '-'} | "
+                     f"{fmt((r.get('recalibrated') or {}).get('test_top1'))} | {fmt(mean(seconds))}; "
                      f"{', '.join(fmt(s, 1) for s in seconds) or '-'} | {fmt(r.get('wall_s'), 1)} | "
                      f"{r.get('gpus_seen_by_distiller', '-')} | {r['status']} |")
     changes = [f"- {r['schedule']}: {'; '.join(r['schedule_changes'])}" for r in results if r["schedule_changes"]]
     if changes:
         lines += ["", "Schedules fitted to the epochs of this check (copies in the work dir):", *changes]
-    lines += ["", "Commands:", ""] + [f"    {shlex.join(r['cmd'])}" for r in results]
+    lines += ["", "Commands:", ""] + [f"    {shlex.join(c)}" for r in results
+                                        for c in (r["cmd"], r.get("recalibration_cmd")) if c]
     lines += ["", "`python3` is the GPU machine's interpreter, `$DISTILLER_SRC` Distiller's source, `$CUDA_CHECK_WORK` the "
               "work dir where the check unpacks the carried data; other paths are relative to the repository."]
     (out / "cuda_check.md").write_text(portable_paths("\n".join(lines) + "\n", places))
@@ -287,6 +356,8 @@ def main(argv=None):
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--lenet-epochs", type=int, default=2)
     parser.add_argument("--resnet-epochs", type=int, default=5)
+    parser.add_argument("--few-shot-images", type=int, default=512, help="the few-shot runs' training images")
+    parser.add_argument("--few-shot-repeat", type=int, default=4, help="times each is seen per epoch")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--extra", default="", help="more compress_classifier arguments for every run")
     parser.add_argument("--deadline", type=float, default=None, help="unix time by which every run must end")
