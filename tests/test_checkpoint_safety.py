@@ -194,6 +194,32 @@ def test_a_checkpoint_saved_without_dataparallel_loads_into_a_dataparallel_model
     assert torch.equal(plain.fc2.weight, teacher["fc2.weight"])
 
 
+def test_a_quantized_checkpoint_loads_across_dataparallel_both_ways(tmp_path):
+    """A quantizer renames ``weight`` to ``float_weight`` only when the checkpoint's quantizer is rebuilt,
+    after the names were fitted: a GPU run's checkpoint (``module.fc1.float_weight``) must still load
+    into a plain model (distiller_dcq.recalibrate, --cpu), and a CPU run's into a wrapped one."""
+    from distiller.quantization import DorefaQuantizer
+
+    def wrapped():
+        model = torch.nn.DataParallel(lenet())
+        model.src_device_obj = torch.device("cpu")  # what DataParallel has on a GPU machine; Distiller reads it
+        return model
+
+    for cls, kwargs in [(DCQQuantizer, dict(weight_mode="binary")), (DorefaQuantizer, dict(bits_weights=2))]:
+        for saved_wrapped in (False, True):
+            saved = wrapped() if saved_wrapped else lenet()
+            optimizer = torch.optim.SGD(saved.parameters(), lr=0.1)
+            cls(saved, optimizer, **kwargs).prepare_model()
+            apputils.save_checkpoint(1, "simplenet_mnist", saved, optimizer=optimizer, dir=str(tmp_path))
+            target = lenet() if saved_wrapped else wrapped()
+            loaded = apputils.load_lean_checkpoint(target, str(tmp_path / "checkpoint.pth.tar"))
+            plain_saved = saved.module if saved_wrapped else saved
+            plain_loaded = loaded if saved_wrapped else loaded.module
+            assert torch.equal(plain_loaded.fc1.float_weight, plain_saved.fc1.float_weight), (cls, saved_wrapped)
+            x = torch.randn(4, 1, 28, 28)
+            assert torch.equal(plain_loaded.eval()(x), plain_saved.eval()(x)), (cls, saved_wrapped)
+
+
 def test_a_vgg_checkpoint_with_pruning_masks_loads_across_dataparallel_both_ways(tmp_path):
     """On GPUs compress_classifier wraps only VGG's ``features`` (``features.module.0.weight``)."""
     def vgg(wrapped):

@@ -194,7 +194,7 @@ def test_the_relatives_engine_parts_run_on_the_device_and_match_the_cpu(device):
     for dev in (torch.device("cpu"), device):
         torch.manual_seed(0)
         module = AuxiliaryModule([(8, 8, 8), (16, 4, 4)], num_classes=10).to(dev)
-        feats = [f.to(dev).requires_grad_(True) for f in features]
+        feats = [f.clone().to(dev).requires_grad_(True) for f in features]  # not f itself: on the CPU .to() is f
         with batchnorm_statistics_kept(module):
             module(feats)  # a pass that must leave the statistics as they were
         assert all(torch.equal(m.running_mean, torch.zeros_like(m.running_mean)) for m in module.modules()

@@ -157,14 +157,24 @@ def _without_dataparallel(name):
 def fit_dataparallel_names(checkpoint, model):
     """compress_classifier wraps the model (VGG's and AlexNet's ``features`` only) in DataParallel on
     GPUs, which puts ``module.`` into every name; a checkpoint saved the other way (on a CPU, say) gets
-    its names fitted to the model: weights, pruning masks and thinning recipes. Distiller itself only
-    strips a leading ``module.``, and only for checkpoints that hold a compression schedule."""
+    its names fitted to the model: weights, pruning masks and thinning recipes. A name the model lacks
+    for now (a quantizer's ``float_weight``, made when Distiller rebuilds the checkpoint's quantizer, after
+    this) gets its module's path fitted. Distiller itself only strips a leading ``module.``, and only for
+    checkpoints that hold a compression schedule."""
     names = itertools.chain(model.state_dict(), (name for name, _ in model.named_modules()))
     wanted = {_without_dataparallel(name): name for name in names}
 
+    def fit(name):
+        if not isinstance(name, str):
+            return name
+        if _without_dataparallel(name) in wanted:
+            return wanted[_without_dataparallel(name)]
+        module, _, attribute = name.rpartition(".")
+        module = wanted.get(_without_dataparallel(module))
+        return name if module is None else ".".join(filter(None, (module, attribute)))
+
     def fitted(mapping):
-        return type(mapping)((wanted.get(_without_dataparallel(k), k) if isinstance(k, str) else k, v)
-                             for k, v in mapping.items())
+        return type(mapping)((fit(k), v) for k, v in mapping.items())
 
     if isinstance(checkpoint.get("state_dict"), dict):
         checkpoint["state_dict"] = fitted(checkpoint["state_dict"])
