@@ -142,13 +142,13 @@ def recalibration_command(args, run, cmd):
             "--skip-before"]  # the run's log has the test top-1 before
 
 
-def kept_recalibration(args, run, result):
-    """What an earlier distiller_dcq.recalibrate of ``run`` (as it is now) wrote, else None."""
+def kept_recalibration(args, run, cmd):
+    """What an earlier ``cmd`` (distiller_dcq.recalibrate of ``run`` as it is now) wrote, else None."""
     path, run_path = args.out / "runs" / run.name / "recalibrated.json", args.out / "runs" / run.name / "result.json"
     if not (path.exists() and path.stat().st_mtime >= run_path.stat().st_mtime):
         return None
     kept = json.loads(path.read_text())
-    return kept if kept["cmd"] == [str(c) for c in recalibration_command(args, run, result["cmd"])] else None
+    return kept if kept["cmd"] == cmd else None
 
 
 def recalibrated(args, run, result, env, say, run_now=True):
@@ -156,9 +156,9 @@ def recalibrated(args, run, result, env, say, run_now=True):
     recalibrated.json) added, for networks with BatchNorm; ``run_now``: run it if not kept."""
     if not STUDY[run.arch]["batchnorm"] or "failed" in result:
         return result
-    kept = kept_recalibration(args, run, result)
+    cmd = [str(c) for c in recalibration_command(args, run, result["cmd"])]
+    kept = kept_recalibration(args, run, cmd)
     if kept is None and run_now:
-        cmd = [str(c) for c in recalibration_command(args, run, result["cmd"])]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             lines = done.stderr.strip().splitlines() or ["no message"]
@@ -178,11 +178,14 @@ def finished_result(args, run, cmd):
     return result if result and result["cmd"] == [str(c) for c in cmd] else None
 
 
-def _top1s(runs, results, recalibrated=False):
-    """The test top-1s of ``runs`` that finished (after re-estimating BatchNorm, if ``recalibrated``)."""
+def _outcomes(runs, results, recalibrated=False):
+    """What each of ``runs`` left: its result, or with ``recalibrated`` its BatchNorm re-estimation's ({}: none)."""
     found = [results.get(r.name, {}) for r in runs]
-    found = [result.get("recalibrated", {}) if recalibrated else result for result in found]
-    return [result["test_top1"] for result in found if result.get("test_top1") is not None]
+    return [result.get("recalibrated", {}) for result in found] if recalibrated else found
+
+
+def _top1s(outcomes):
+    return [outcome["test_top1"] for outcome in outcomes if outcome.get("test_top1") is not None]
 
 
 def _cell(values, expected):
@@ -202,10 +205,9 @@ def _table(args, runs, results, arch, variant, recalibrated=False):
         cells = []
         for size in sizes:
             planned = [r for r in runs if (r.arch, r.size, r.arm, r.variant) == (arch, size, arm, variant)]
-            found = [results.get(r.name, {}) for r in planned]
-            found = [result.get("recalibrated", {}) for result in found] if recalibrated else found
-            cells.append("failed" if any("failed" in result for result in found)
-                         else _cell(_top1s(planned, results, recalibrated), len(planned)))
+            found = _outcomes(planned, results, recalibrated)
+            cells.append("failed" if any("failed" in outcome for outcome in found)
+                         else _cell(_top1s(found), len(planned)))
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines
 
@@ -287,8 +289,8 @@ def plot(args, runs, results):
             for arm in args.arms:
                 points = []
                 for size in study["sizes"]:
-                    values = _top1s([r for r in runs if (r.arch, r.size, r.arm, r.variant) == (arch, size, arm, "")],
-                                    results, recalibrated)
+                    values = _top1s(_outcomes([r for r in runs if (r.arch, r.size, r.arm, r.variant) ==
+                                               (arch, size, arm, "")], results, recalibrated))
                     if values:
                         points.append((size or full_at, statistics.mean(values),
                                        statistics.stdev(values) if len(values) > 1 else 0.0))
