@@ -2,8 +2,9 @@
 CIFAR-10 JPEG subset, each from its FP teacher, through Distiller's unmodified compress_classifier.py (on the
 GPU unless --device cpu); then the few-shot study's best DCQ arm (AdaRound level choices, no labels) and its
 best baseline (KD without labels) on 512 fixed ResNet-20 training images, each followed by BatchNorm
-re-estimation (distiller_dcq.recalibrate) on the same device. Writes test top-1 and seconds per training epoch, with the machine and software, to
-OUT/cuda_check.md and OUT/cuda_check.json, rewritten after every run so that a cut-off check still reports.
+re-estimation (distiller_dcq.recalibrate) on the same device. Writes test top-1 and seconds per training
+epoch, with the machine and software, to OUT/cuda_check.md and OUT/cuda_check.json, rewritten after every
+run so that a cut-off check still reports.
 
 Each run's command line is the one in its schedule's header, with the data, teacher, epochs and workers of
 this check. A schedule whose DCQ window leaves no fine-tuning epoch within --epochs is copied into the work
@@ -31,11 +32,11 @@ REPO = Path(__file__).resolve().parents[2]
 SCHEDULES = REPO / "schedules"
 
 
-
 class Check(NamedTuple):
     """One run: ``data`` and ``teacher`` under --shared; ``epochs``: which --*-epochs, or "schedule" for the
-    schedule's own, unchanged; ``few_shot``: on --few-shot-images fixed training images (a distiller_dcq.subsets
-    directory, seed 0); ``recalibrate``: re-estimate its BatchNorm statistics afterwards (distiller_dcq.recalibrate)."""
+    schedule's own, unchanged; ``few_shot``: on --few-shot-images fixed training images (a
+    distiller_dcq.subsets directory, seed 0); ``recalibrate``: re-estimate its BatchNorm statistics
+    afterwards (distiller_dcq.recalibrate)."""
     network: str
     method: str
     schedule: str
@@ -59,7 +60,8 @@ RUNS = [
     Check(FEW_SHOT, "DCQ AdaRound, no labels", "resnet20_cifar_dcq_binary_adaround_labelfree.yaml", *RESNET, "schedule",
           True, True),
 ]
-SHOWN = re.compile(r"Training epoch|==> Top1|DCQ \w+: (split|epoch \d+ trains|merged)|AdaRound \w+: |Traceback|Error|error:")
+SHOWN = re.compile(r"Training epoch|==> Top1|DCQ \w+: (split|epoch \d+ trains|merged)|AdaRound \w+: |Traceback|Error|"
+                   r"error:")
 FLAGS = {"--cpu", "--deterministic", "--det", "--pretrained", "--evaluate", "-e", "--verbose", "-v"}
 
 
@@ -193,7 +195,9 @@ def one_run(spec, args, deadline):
     if spec.few_shot:  # the subset fixes the training images: no --effective-train-size
         data = Path(args.work) / "subsets" / f"{Path(spec.data).name}_n{args.few_shot_images}"
         write_subset_dir(str(Path(args.shared) / spec.data), args.few_shot_images, 0, str(data), args.few_shot_repeat)
-        extra = [t for i, t in enumerate(extra) if "--effective-train-size" not in (t, extra[i - 1] if i else "")]
+        if "--effective-train-size" in extra:
+            at = extra.index("--effective-train-size")
+            del extra[at:at + 2]
     header = header_command((SCHEDULES / spec.schedule).read_text())
     if spec.epochs == "schedule":
         epochs, schedule, notes = int(header[header.index("--epochs") + 1]), SCHEDULES / spec.schedule, []
@@ -205,8 +209,8 @@ def one_run(spec, args, deadline):
         header, data=data, schedule=schedule, teacher=Path(args.shared) / spec.teacher,
         epochs=epochs, workers=args.workers, cpu=args.device == "cpu",
         extra=["--out-dir", str(out_dir), "--name", name, *extra])]
-    result = {"network": spec.network.format(images=args.few_shot_images), "method": spec.method, "schedule": spec.schedule, "epochs": epochs,
-              "schedule_changes": notes, "cmd": cmd}
+    result = {"network": spec.network.format(images=args.few_shot_images), "method": spec.method,
+              "schedule": spec.schedule, "epochs": epochs, "schedule_changes": notes, "cmd": cmd}
     label = f"{result['network']} {spec.method}"
     left = deadline - time.time() - args.reserve
     if left < 20:
@@ -325,7 +329,8 @@ def write_report(out, env, tests, results, places):
              "compress_classifier.py, the command line of the schedule's header with this check's epochs and "
              "data. Seconds per training epoch: Distiller's log timestamps, validation excluded. The few-shot runs "
              "(N images) train on a fixed subset directory (distiller_dcq.subsets, seed 0) of the carried "
-             "CIFAR-10 subset, so their numbers are not the few-shot study's; afterwards distiller_dcq.recalibrate re-estimates their BatchNorm statistics on the same device.", "",
+             "CIFAR-10 subset, so their numbers are not the few-shot study's; afterwards "
+             "distiller_dcq.recalibrate re-estimates their BatchNorm statistics on the same device.", "",
              "| network | method | epochs | test top-1 | stitched top-1 at merge | test top-1, BatchNorm re-estimated "
              "| s / training epoch (mean; each) | run wall s | GPUs seen | status |",
              "|---|---|---|---|---|---|---|---|---|---|"]
