@@ -41,6 +41,7 @@ STUDY = {
                            variants={"ternary": (512,)}, batchnorm=True,
                            arm_sizes={"dcq_blocks_mixed_labelfree": (512, 2048)}),
 }
+VALIDATION_SPLIT = "0.1"  # every run's --vs: Distiller's default
 # arm -> (schedule suffix, what it is, whether it reads labels)
 ARMS = {
     "dorefa_ce": ("dorefa_binary", "DoReFa QAT, cross-entropy", True),
@@ -122,24 +123,29 @@ def command(args, run):
     teacher = _resolve(args.teacher.get(run.arch) or Path("../shared/teachers") / f"{run.arch}_fp.pth.tar",
                        args.places)
     return [sys.executable, args.script, "--arch", run.arch, data, "--cpu", "-j", "0", "-b", str(study["batch"]),
-            "--lr", args.lr, "--momentum", "0.9", "--wd", "0", "--epochs", str(study["epochs"]), "--vs", "0.1",
-            "--effective-valid-size", args.valid_size, "--seed", str(run.seed), "--effective-train-size", train_size,
+            "--lr", args.lr, "--momentum", "0.9", "--wd", "0", "--epochs", str(study["epochs"]),
+            "--vs", VALIDATION_SPLIT, "--effective-valid-size", args.valid_size, "--seed", str(run.seed),
+            "--effective-train-size", train_size,
             "--compress", args.schedules / run.schedule, "--exp-load-weights-from", teacher,
             "--out-dir", args.out / "runs" / run.name, "--name", run.name]
 
 
+def recalibration_options(args, arch):
+    """distiller_dcq.recalibrate's options after --seed for every run of ``arch``: the runs' validation
+    split, BatchNorm statistics re-estimated on one epoch's worth of training images (images-per-epoch:
+    the N images, repeated), no labels; the test top-1 before is in the run's log."""
+    study = STUDY[arch]
+    return ["--vs", VALIDATION_SPLIT, "--effective-valid-size", args.valid_size, "-b", str(study["batch"]),
+            "--train-batches", str(study["images_per_epoch"] // study["batch"]), "--skip-before"]
+
+
 def recalibration_command(args, run, cmd):
-    """distiller_dcq.recalibrate on ``run``'s last checkpoint: its BatchNorm statistics re-estimated on
-    one epoch's worth of its training images (images-per-epoch; the N images, repeated), no labels."""
-    study = STUDY[run.arch]
+    """distiller_dcq.recalibrate on the last checkpoint of ``run`` (whose command is ``cmd``)."""
     checkpoints = sorted((args.out / "runs" / run.name).glob(f"{run.name}___*/{run.name}_checkpoint.pth.tar"),
                          key=lambda p: p.stat().st_mtime)
-    option = dict(zip(cmd, cmd[1:]))
     return [sys.executable, "-m", "distiller_dcq.recalibrate", cmd[cmd.index("--arch") + 2],
             checkpoints[-1] if checkpoints else "(no checkpoint)", "--arch", run.arch, "--seed", str(run.seed),
-            "--vs", option["--vs"], "--effective-valid-size", option["--effective-valid-size"],
-            "-b", str(study["batch"]), "--train-batches", str(study["images_per_epoch"] // study["batch"]),
-            "--skip-before"]  # the run's log has the test top-1 before
+            *recalibration_options(args, run.arch)]
 
 
 def kept_recalibration(args, run, cmd):
@@ -250,9 +256,7 @@ def write_results(args, runs, results):
                       f"{STUDY[arch]['images_per_epoch']} of their own training images (one epoch's worth: the N "
                       "images, repeated, for N below it; no labels, no gradients), then tested: for each run, "
                       f"`python -m distiller_dcq.recalibrate DATA {args.out / 'runs'}/NAME/NAME___*/NAME_checkpoint.pth.tar "
-                      f"--arch "
-                      f"{arch} --seed SEED --vs 0.1 --effective-valid-size {args.valid_size} -b {STUDY[arch]['batch']} "
-                      f"--train-batches {STUDY[arch]['images_per_epoch'] // STUDY[arch]['batch']} --skip-before` "
+                      f"--arch {arch} --seed SEED {shlex.join(recalibration_options(args, arch))}` "
                       "(DATA, NAME and SEED as in the run's command below).", ""]
             for variant in [""] + variants:
                 lines += ([f"{VARIANTS[variant][1]}:", ""] if variant else []) + _table(
