@@ -122,3 +122,18 @@ def test_adaround_trains_through_compress_classifier_and_must_finish_its_window(
     code, out = run_compress_classifier(tmp_path / "short", "--epochs", "2", "--compress", short,
                                         "--exp-load-weights-from", LENET_TEACHER)
     assert code != 0 and "policy 'adaround' runs over epochs 0-2, but training stops after epoch 1" in out
+
+
+@pytest.mark.parametrize("crafted, message", [
+    (lambda state: state["param_groups"][0].update(fused=True), "turns on fused"),
+    (lambda state: [s.update(exp_avg=torch.zeros(1)) for s in state["state"].values()], "holds 'exp_avg' of parameter"),
+], ids=["fused", "short-buffer"])
+def test_a_resumed_adam_state_that_does_not_fit_the_choices_is_refused(tmp_path, monkeypatch, crafted, message):
+    model, optimizer, scheduler = two_epoch_window(tmp_path)
+    train_epochs(model, optimizer, scheduler, range(1), monkeypatch, batches=2)
+    saved = scheduler.state_dict()["distiller_dcq_policies"]["adaround"]
+    crafted(saved["optimizer"])
+    setattr(model, RESUMED_POLICY_STATES, {"adaround": saved})
+    resumed = AdaRoundPolicy(model)
+    with pytest.raises(ValueError, match=f"AdaRound policy 'adaround': the saved Adam state {message}"):
+        resumed.on_epoch_begin(model, None, {"frequency": 1, "starting_epoch": 0, "ending_epoch": 2})

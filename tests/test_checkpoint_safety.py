@@ -3,6 +3,7 @@ import collections
 import os
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -239,3 +240,176 @@ def test_a_vgg_checkpoint_with_pruning_masks_loads_across_dataparallel_both_ways
         other = "features.0.weight" if saved_wrapped else "features.module.0.weight"
         assert torch.equal(loaded.state_dict()[other], saved.state_dict()[conv])
         assert torch.equal(loaded_scheduler.zeros_mask_dict[other].mask, scheduler.zeros_mask_dict[conv].mask)
+
+
+def lenet_checkpoint_with_optimizer(tmp_path, optimizer_cls, **kwargs):
+    """A LeNet checkpoint saved by Distiller after one training step with ``optimizer_cls``, and its contents."""
+    model = lenet()
+    optimizer = optimizer_cls(model.parameters(), lr=0.01, **kwargs)
+    model(torch.randn(4, 1, 28, 28)).sum().backward()
+    optimizer.step()
+    apputils.save_checkpoint(0, "simplenet_mnist", model, optimizer=optimizer, dir=str(tmp_path))
+    path = tmp_path / "checkpoint.pth.tar"
+    return path, torch.load(path, weights_only=False)
+
+
+def in_a_child(code):
+    """Run ``code`` in a new interpreter (a crash must not take the tests down); its stdout, or the crash."""
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    assert child.returncode == 0, f"rc {child.returncode}: {child.stderr[-2000:]}"
+    return child.stdout
+
+
+RESUME_AND_STEP = """
+import torch
+from distiller import apputils
+from distiller.models import create_model
+model = create_model(False, "mnist", "simplenet_mnist", parallel=False, device_ids=-1)
+try:
+    model, _, optimizer, _ = apputils.load_checkpoint(model, {path!r})
+except ValueError as err:
+    print(err)
+else:
+    model(torch.randn(4, 1, 28, 28)).sum().backward()
+    optimizer.step()
+    print("stepped")
+"""
+
+
+@pytest.mark.parametrize("optimizer_cls, kwargs", [(torch.optim.SGD, dict(momentum=0.9)), (torch.optim.Adam, {})],
+                         ids=["SGD", "Adam"])
+def test_resuming_from_a_fused_optimizer_state_with_short_buffers_is_refused_before_any_step(tmp_path, optimizer_cls,
+                                                                                             kwargs):
+    """The review's crafted checkpoint: fused, buffers of one element. Resumed and stepped, it wrote out of bounds."""
+    path, checkpoint = lenet_checkpoint_with_optimizer(tmp_path, optimizer_cls, **kwargs)
+    checkpoint["optimizer_state_dict"]["param_groups"][0]["fused"] = True
+    for state in checkpoint["optimizer_state_dict"]["state"].values():
+        state.update({k: torch.zeros(1) for k in state if k != "step"})
+    torch.save(checkpoint, path)
+    said = in_a_child(RESUME_AND_STEP.format(path=str(path)))
+    assert f"the saved {optimizer_cls.__name__} state turns on fused in group 0" in said, said
+
+
+def _set(key, value):
+    return lambda state: state["param_groups"][0].update({key: value})
+
+
+def _first_buffer(value):
+    return lambda state: next(iter(state["state"].values())).update(momentum_buffer=value)
+
+
+@pytest.mark.parametrize("crafted, message", [
+    (_set("capturable", True), "turns on capturable in group 0"),
+    (_set("differentiable", True), "turns on differentiable in group 0"),
+    (_set("lr_lambda", 3), "sets lr_lambda in group 0, which SGD does not have"),
+    (_first_buffer(torch.zeros(1)), r"holds 'momentum_buffer' of parameter 0 as torch.float32 \(1,\); the parameter "
+                                    r"is torch.float32 \(20, 1, 5, 5\)"),
+    (_first_buffer(torch.zeros(20, 1, 5, 5, dtype=torch.float64)), "holds 'momentum_buffer' of parameter 0 as torch.float64"),
+    (_first_buffer([1.0]), "holds a list as 'momentum_buffer'"),
+    (lambda state: state["state"].update({99: {}}), "holds state for parameter 99, which none of its groups lists"),
+    (lambda state: state["param_groups"][0]["params"].pop(), "has 7 parameters in group 0, the optimizer 8"),
+    (lambda state: state["param_groups"].append(dict(state["param_groups"][0])), "has 2 parameter groups"),
+], ids=["capturable", "differentiable", "unknown-key", "short-buffer", "other-dtype", "not-a-tensor",
+        "unknown-parameter", "fewer-parameters", "more-groups"])
+def test_a_resumed_optimizer_state_that_does_not_fit_the_model_is_refused(tmp_path, crafted, message):
+    path, checkpoint = lenet_checkpoint_with_optimizer(tmp_path, torch.optim.SGD, momentum=0.9)
+    crafted(checkpoint["optimizer_state_dict"])
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match=f"checkpoint '{path}': the saved SGD state {message}"):
+        apputils.load_checkpoint(lenet(), str(path))
+
+
+def test_an_optimizer_state_distiller_saved_after_an_lr_scheduler_resumes(tmp_path):
+    model = lenet()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=10)  # adds initial_lr, max_lr, ...
+    model(torch.randn(4, 1, 28, 28)).sum().backward()
+    optimizer.step()
+    apputils.save_checkpoint(0, "simplenet_mnist", model, optimizer=optimizer, dir=str(tmp_path))
+    _, _, resumed, _ = apputils.load_checkpoint(lenet(), str(tmp_path / "checkpoint.pth.tar"))
+    assert type(resumed) is torch.optim.Adam
+    assert all(torch.equal(resumed.state_dict()["state"][i]["exp_avg"], s["exp_avg"])
+               for i, s in optimizer.state_dict()["state"].items())
+
+
+def checkpoint_with_pickle(path, data, like=None):
+    """A torch zip checkpoint whose data.pkl is ``data`` (its other records copied from ``like``'s)."""
+    if like is None:
+        torch.save({}, path)
+        like = path
+    with zipfile.ZipFile(like) as source:
+        records = [(info, source.read(info)) for info in source.infolist()]
+    prefix = records[0][0].filename.split("/")[0]
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, content in records:
+            info.filename = f"{path.stem.split('.')[0]}/{info.filename[len(prefix) + 1:]}"
+            archive.writestr(info, data if info.filename.endswith("/data.pkl") else content)
+    return path
+
+
+def test_a_tuple_nested_a_million_deep_is_refused_before_it_crashes_the_interpreter(tmp_path):
+    """As a dict key, hashing it recursed in C: torch.load(weights_only=True) itself died (rc 139)."""
+    deep = b"\x80\x02}K\x00" + b"\x85" * 1_500_000 + b"K\x01s."  # {(((...(0,)...),): 1}, TUPLE1 opcodes
+    path = checkpoint_with_pickle(tmp_path / "deep.pth.tar", deep)
+    loads = ("from distiller_dcq.adapter.checkpoints import load_distiller_checkpoint\n"
+             f"try:\n    load_distiller_checkpoint({str(path)!r})\nexcept ValueError as err:\n    print(err)")
+    said = in_a_child(loads)
+    assert "cannot be loaded safely (UnsafePickle: objects nest more than 1000 deep" in said, said
+    said = in_a_child(RESUME_AND_STEP.format(path=str(path)))  # Distiller's own load: compress_classifier's path
+    assert "objects nest more than 1000 deep" in said, said
+
+
+def test_nesting_built_by_mutating_what_is_already_held_is_seen(tmp_path):
+    """Lists appended to lists after they were put in a tuple: the depth grows after the holders were made."""
+    body = b"".join(b"]q" + bytes([i]) for i in range(1, 200))  # 199 empty lists, memo 1..199
+    links = b"".join(b"h" + bytes([i]) + b"h" + bytes([i + 1]) + b"a" for i in range(1, 199))  # list i holds i+1
+    nested = b"\x80\x02(" + body + b"h\x01\x85" + links + b"t."  # (..., (list 1,), ...), then 1 holds 2 holds 3 ...
+    path = checkpoint_with_pickle(tmp_path / "lists.pth.tar", nested)
+    from distiller_dcq.adapter import pickle_scan
+    limit = pickle_scan.MAX_NESTING
+    try:
+        pickle_scan.MAX_NESTING = 150
+        with pytest.raises(ValueError, match="objects nest more than 150 deep"):
+            load_distiller_checkpoint(str(path))
+    finally:
+        pickle_scan.MAX_NESTING = limit
+    assert len(load_distiller_checkpoint(str(path))) == 199 + 1 + 198  # within the real limit: loads
+
+
+@pytest.mark.parametrize("pickled, name", [
+    (b"\x80\x02cbuiltins\nbytearray\nJ\x00\x00\x00\x60\x85R.", "builtins.bytearray"),  # bytearray(1.5 GiB)
+    (b"\x80\x02ctorch\nTensor\nJ\x00\x00\x00\x60\x85R.", "torch.Tensor"),          # torch.Tensor(1.5 G)
+    (b"\x80\x02ctorch.storage\nUntypedStorage\nJ\x00\x00\x00\x60\x85R.", "torch.storage.UntypedStorage"),
+], ids=["bytearray", "Tensor", "UntypedStorage"])
+def test_a_tiny_checkpoint_that_allocates_gigabytes_is_refused_before_it_allocates(tmp_path, pickled, name):
+    path = checkpoint_with_pickle(tmp_path / "alloc.pth.tar", pickled)
+    assert path.stat().st_size < 2000
+    with pytest.raises(ValueError, match=f"the checkpoint names {name}, which a Distiller checkpoint does not hold"):
+        load_distiller_checkpoint(str(path))
+
+
+def test_a_storage_claiming_more_bytes_than_its_record_holds_is_refused(tmp_path):
+    real = tmp_path / "real.pth.tar"
+    torch.save({"state_dict": {"w": torch.ones(3)}}, real)
+    with zipfile.ZipFile(real) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    size = data.index(b"cpu") + 5  # the storage's location (memoized), then its size: 3 floats
+    assert data[size:size + 3] == b"K\x03t"
+    path = checkpoint_with_pickle(tmp_path / "big.pth.tar", data[:size] + b"J\x00\x00\x00\x40" + data[size + 2:],
+                                  like=real)
+    with pytest.raises(ValueError, match=r"a storage claims 4294967296 bytes, but its record 'big/data/0' holds 12"):
+        load_distiller_checkpoint(str(path))
+    assert torch.equal(load_distiller_checkpoint(str(checkpoint_with_pickle(tmp_path / "same.pth.tar", data, like=real)))
+                       ["state_dict"]["w"], torch.ones(3))
+
+
+def test_a_legacy_format_checkpoint_still_loads_and_is_scanned(tmp_path):
+    path = tmp_path / "legacy.pth.tar"
+    torch.save({"state_dict": lenet().state_dict(), "extras": {"best_top1": np.float64(99.1)}}, path,
+               _use_new_zipfile_serialization=False)
+    loaded = load_distiller_checkpoint(str(path))
+    assert loaded["extras"]["best_top1"] == np.float64(99.1) and loaded["state_dict"]["fc2.weight"].shape == (10, 500)
+    torch.save({"x": bytearray(10)}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match="names builtins.bytearray"):
+        load_distiller_checkpoint(str(path))

@@ -17,7 +17,15 @@ what calling it can do:
 - ``ThinningRecipe`` (a namedtuple: calling it builds a tuple) is allowed as it is;
 - NumPy's own ``dtype`` and ``scalar`` are not: their names unpickle to checked stand-ins that build
   only plain numbers (NumPy's ``dtype.__setstate__`` trusts the flags and sizes in the file, and a
-  crafted state makes ``scalar`` build objects from pointers chosen by the file).
+  crafted state makes ``scalar`` build objects from pointers chosen by the file);
+- of torch's default allow-list only what a checkpoint holds (``TORCH_GLOBALS``): not the calls that
+  allocate what the file asks (``bytearray(n)``, ``torch.Tensor(n)``, ``UntypedStorage(n)``). The file's
+  pickle is scanned for them, for deep nesting and for oversized storages before it is unpickled
+  (``pickle_scan.py``).
+
+A saved optimizer state is loaded only into an optimizer it fits (``load_optimizer_state``): a fused
+or capturable step trusts its state tensors to be as large as the parameters, and a crafted state
+would make it write out of bounds.
 """
 import itertools
 import os
@@ -25,6 +33,8 @@ import pickle
 
 import numpy as np
 import torch
+
+from .pickle_scan import scan_checkpoint
 
 # Quantizers whose __init__(model, optimizer, **params) touches no file and runs no user code.
 REBUILDABLE_QUANTIZERS = ("distiller.quantization.clipped_linear.DorefaQuantizer",
@@ -95,6 +105,20 @@ _NUMPY_STAND_INS = [(NumpyDtype, "numpy.dtype"),
                     (numpy_scalar, "numpy.core.multiarray.scalar")]  # NumPy 1 names it so
 
 
+# what torch.save writes for a checkpoint's tensors, dicts, devices, dtypes and bytes (NumPy scalars' data)
+TORCH_GLOBALS = ("collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter",
+                 "torch.Size", "torch.device", "_codecs.encode", "builtins.set")
+
+
+def _torch_global_names():
+    """``TORCH_GLOBALS``, the legacy storage types a saved storage names (inert: torch's weights-only
+    unpickler turns them into its ``StorageType``) and the dtypes."""
+    storages = [f"torch.{t.__name__}" for t in torch._storage_classes
+                if t not in (torch.storage.TypedStorage, torch.storage.UntypedStorage)]
+    dtypes = [str(t) for t in vars(torch).values() if isinstance(t, torch.dtype)]
+    return set(TORCH_GLOBALS) | set(storages) | set(dtypes)
+
+
 def _optimizer_classes():
     return [c for c in vars(torch.optim).values() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
             and c is not torch.optim.Optimizer]
@@ -108,8 +132,9 @@ def _quantizer_classes():
 
 
 def _allowed_globals(references):
+    """(object, name) pairs for ``torch.serialization.safe_globals``."""
     from distiller.thinning import ThinningRecipe
-    return [(ref, _path(ref.cls)) for ref in references] + [ThinningRecipe] + _NUMPY_STAND_INS
+    return [(ref, _path(ref.cls)) for ref in references] + [(ThinningRecipe, _path(ThinningRecipe))] + _NUMPY_STAND_INS
 
 
 def _class_from(reference, allowed, what):
@@ -124,7 +149,9 @@ def torch_load_distiller_checkpoint(torch_load, *args, **kwargs):
     as classes where Distiller expects them, after checking they are what those keys may hold."""
     optimizers, quantizers = _optimizer_classes(), _quantizer_classes()
     references = [ClassReference(c) for c in optimizers + quantizers]
-    with torch.serialization.safe_globals(_allowed_globals(references)):
+    allowed = _allowed_globals(references)
+    scan_checkpoint(args[0] if args else kwargs["f"], _torch_global_names() | {name for _, name in allowed})
+    with torch.serialization.safe_globals(allowed):
         checkpoint = torch_load(*args, **{**kwargs, "weights_only": True})
     if isinstance(checkpoint, dict):
         if checkpoint.get("optimizer_type") is not None:
@@ -204,3 +231,71 @@ def load_distiller_checkpoint(path, map_location="cpu"):
         raise ValueError(f"checkpoint {path!r} cannot be loaded safely ({_reason(err)}); only tensors, numbers, strings, "
                          f"thinning recipes, optimizer and quantization-aware-training quantizer classes are "
                          f"accepted: is it a Distiller checkpoint?") from err
+
+
+# param_group keys that pick a step kernel: a fused, capturable or differentiable step trusts the state's tensors
+KERNEL_KEYS = ("fused", "capturable", "differentiable")
+LR_SCHEDULER_KEYS = ("initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum")  # torch's schedulers add them
+SCALAR_STATE = ("step", "eta", "mu", "mu_product")  # the per-parameter state that is one number, not a tensor like it
+
+
+def check_optimizer_state(optimizer, state, what):
+    """Refuse (``ValueError`` naming ``what``) a saved ``Optimizer.state_dict()`` that does not fit
+    ``optimizer``: other groups or parameter counts, a param_group key the optimizer lacks (beside the LR
+    schedulers'), ``fused``/``capturable``/``differentiable`` turned on, a state tensor whose shape or dtype
+    is not its parameter's (``SCALAR_STATE``: one number). ``load_state_dict`` then moves each tensor to its
+    parameter's device."""
+    def refuse(problem):
+        raise ValueError(f"{what}: the saved {type(optimizer).__name__} state {problem}; a checkpoint this package "
+                         f"or Distiller saved never does: resume from the run's own checkpoint")
+    if not (isinstance(state, dict) and isinstance(state.get("state"), dict)
+            and isinstance(state.get("param_groups"), list)):
+        refuse("is not an optimizer state_dict (state and param_groups)")
+    groups, own_groups = state["param_groups"], optimizer.param_groups
+    if len(groups) != len(own_groups):
+        refuse(f"has {len(groups)} parameter groups, the optimizer {len(own_groups)}")
+    params = {}
+    for index, (group, own) in enumerate(zip(groups, own_groups)):
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+            refuse(f"has a parameter group {index} without a list of params")
+        if len(group["params"]) != len(own["params"]):
+            refuse(f"has {len(group['params'])} parameters in group {index}, the optimizer {len(own['params'])}")
+        turned_on = [k for k in KERNEL_KEYS if group.get(k)]
+        if turned_on:
+            refuse(f"turns on {', '.join(turned_on)} in group {index} (a kernel that trusts the state's sizes)")
+        unknown = sorted(str(k) for k in group if k not in own and k not in LR_SCHEDULER_KEYS)
+        if unknown:
+            refuse(f"sets {', '.join(unknown)} in group {index}, which {type(optimizer).__name__} does not have")
+        params.update(zip(group["params"], own["params"]))
+    for key, param_state in state["state"].items():
+        if key not in params or not isinstance(param_state, dict):
+            refuse(f"holds state for parameter {key!r}, which none of its groups lists")
+        param = params[key]
+        for name, value in param_state.items():
+            if value is None or (name in SCALAR_STATE and type(value) in (int, float)):
+                continue
+            if not isinstance(value, torch.Tensor):
+                refuse(f"holds a {type(value).__name__} as {name!r} of parameter {key}")
+            if name in SCALAR_STATE:
+                if value.numel() != 1 or value.is_complex():
+                    refuse(f"holds {name!r} of parameter {key} with shape {tuple(value.shape)}, not one number")
+            elif value.shape != param.shape or value.dtype != param.dtype:
+                refuse(f"holds {name!r} of parameter {key} as {value.dtype} {tuple(value.shape)}; the parameter is "
+                       f"{param.dtype} {tuple(param.shape)}")
+
+
+def load_optimizer_state(optimizer, state, what):
+    """``optimizer.load_state_dict(state)`` once ``check_optimizer_state`` accepts it."""
+    check_optimizer_state(optimizer, state, what)
+    optimizer.load_state_dict(state)
+
+
+def optimizer_with_checked_state(optimizer_cls, state, what):
+    """What a Distiller checkpoint's ``optimizer_type`` becomes for Distiller's ``load_checkpoint``: it builds
+    the optimizer (``cls(model.parameters(), lr=1)``) and checks ``state`` against it before Distiller
+    loads that state into it."""
+    def build(params, *args, **kwargs):
+        optimizer = optimizer_cls(params, *args, **kwargs)
+        check_optimizer_state(optimizer, state, what)
+        return optimizer
+    return build

@@ -14,7 +14,7 @@ import random
 import numpy as np
 import torch
 
-from .checkpoints import fit_dataparallel_names, torch_load_distiller_checkpoint
+from .checkpoints import fit_dataparallel_names, optimizer_with_checked_state, torch_load_distiller_checkpoint
 
 PATCHED = "patched_by_distiller_dcq"
 RESTORED_QUANTIZER = "distiller_dcq_restored_quantizer"  # model attribute: the quantizer rebuilt from a checkpoint
@@ -102,7 +102,9 @@ class _TorchForDistillerCheckpoints:
       (older torch would unpickle anything): a checkpoint can never run code when loaded;
     - makes ``quantizer_metadata['type']`` rebuildable: Distiller calls it without the ``optimizer``
       its QAT quantizers require (Distiller issues #367, #536), so it gets a placeholder one
-      (training builds its own), and the rebuilt quantizer is remembered on the model.
+      (training builds its own), and the rebuilt quantizer is remembered on the model;
+    - makes ``optimizer_type`` build an optimizer that the checkpoint's optimizer state is checked
+      against before Distiller loads it (``checkpoints.load_optimizer_state``).
     """
 
     def __init__(self, torch_module):
@@ -112,7 +114,12 @@ class _TorchForDistillerCheckpoints:
         checkpoint = torch_load_distiller_checkpoint(self._torch.load, *args, **kwargs)
         if _loading_into and _loading_into[-1] is not None and isinstance(checkpoint, dict):
             fit_dataparallel_names(checkpoint, _loading_into[-1])
-        metadata = checkpoint.get("quantizer_metadata") if isinstance(checkpoint, dict) else None
+        if not isinstance(checkpoint, dict):
+            return checkpoint
+        if checkpoint.get("optimizer_type") is not None:
+            checkpoint["optimizer_type"] = optimizer_with_checked_state(
+                checkpoint["optimizer_type"], checkpoint.get("optimizer_state_dict"), f"checkpoint {args[0]!r}")
+        metadata = checkpoint.get("quantizer_metadata")
         if metadata:
             metadata["type"] = _rebuild_quantizer(metadata["type"])
         return checkpoint

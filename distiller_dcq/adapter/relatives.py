@@ -26,6 +26,7 @@ from ..engine.cotraining import AuxiliaryModule, mutual_distillation_losses
 from ..engine.losses import cosine_loss
 from ..engine.precision import (PrecisionStages, batchnorm_statistics_kept, independent_draws, precision_units,
                                 rising_probability)
+from .checkpoints import load_optimizer_state
 from .compat import RESUMED_POLICY_STATES, criterion_inputs, reweighted_criterion
 from .policy import fp_teacher, input_shape
 from .quantizer import quantizer_of
@@ -311,7 +312,7 @@ class JointKDPolicy(ScheduledTrainingPolicy):
         self.optimizer = torch.optim.SGD(self.partner.parameters(), lr=partner_lr, momentum=partner_momentum,
                                          weight_decay=partner_weight_decay)
         if resumed:
-            self.optimizer.load_state_dict(resumed["optimizer"])
+            load_optimizer_state(self.optimizer, resumed["optimizer"], f"joint KD policy {name!r}")
         self._input = _LastInput(model)
 
     def checkpoint_state(self):
@@ -407,7 +408,7 @@ class AuxiliaryModulePolicy(ScheduledTrainingPolicy):
             self.optimizer = torch.optim.SGD(self.module.parameters(), lr=group["lr"],
                                              momentum=group.get("momentum", 0), weight_decay=group.get("weight_decay", 0))
             if self._resumed and self._resumed["optimizer"] is not None:
-                self.optimizer.load_state_dict(self._resumed["optimizer"])
+                load_optimizer_state(self.optimizer, self._resumed["optimizer"], f"auxiliary module {self.name!r}")
         for own in self.optimizer.param_groups:
             own.update(lr=group["lr"], momentum=group.get("momentum", 0), weight_decay=group.get("weight_decay", 0))
         self.optimizer.step()

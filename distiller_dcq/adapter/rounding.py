@@ -6,6 +6,7 @@ from distiller.policy import LossComponent, PolicyLoss, ScheduledTrainingPolicy
 
 from ..engine.quantizers import BinaryWeights, TernaryWeights
 from ..engine.rounding import LevelChoice, annealed_beta
+from .checkpoints import load_optimizer_state
 from .compat import RESUMED_POLICY_STATES
 from .quantizer import quantizer_of
 
@@ -93,7 +94,7 @@ class AdaRoundPolicy(ScheduledTrainingPolicy):
                                  f"with the schedule (quantizer and overrides) the run was started with")
             for (_, choice), logits in zip(self.choices, saved):
                 choice.logits.data.copy_(logits)
-            self.optimizer.load_state_dict(self._resumed["optimizer"])
+            load_optimizer_state(self.optimizer, self._resumed["optimizer"], f"AdaRound policy {self.name!r}")
             self._resumed = None
         with_choice = sum(int(choice.has_choice.sum()) for _, choice in self.choices)
         total = sum(choice.logits.numel() for _, choice in self.choices)
