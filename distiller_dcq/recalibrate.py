@@ -9,34 +9,50 @@ does it for any Distiller checkpoint, a DoReFa or KD baseline's too:
 
     python -m distiller_dcq.recalibrate --arch resnet20_cifar DATA CHECKPOINT --seed 0 --save OUT
 
-DATA, ``--vs`` and ``--seed`` must be the run's: they decide which images are the training part (a
-subset directory's N images) and which the validation set. Prints one JSON line: validation and test
-top-1 before and after.
+DATA, ``--vs``, ``--seed`` and ``--deterministic`` must be the run's: they decide which images are the
+training part (a subset directory's N images) and which the validation set. Prints one JSON line:
+validation and test top-1 before and after. A checkpoint or data directory that cannot be used is one
+line on stderr naming it, exit status 2.
 """
 import argparse
 import itertools
 import json
+import os
+import sys
 
 import torch
 
 
 def load_quantized(arch, checkpoint, device):
-    """The network of a Distiller checkpoint, its quantizer rebuilt (safely: distiller_dcq's loader)."""
+    """The network of a Distiller checkpoint, its quantizer rebuilt (safely: distiller_dcq's loader);
+    a checkpoint that is missing, refused or not of ``arch`` is a ``ValueError`` naming it."""
     from distiller.apputils import classification_dataset_str_from_arch, load_lean_checkpoint
     from distiller.models import create_model
+    from .adapter.checkpoints import load_distiller_checkpoint
+    load_distiller_checkpoint(checkpoint)  # its own clear errors, before Distiller's
     dataset = classification_dataset_str_from_arch(arch)
     model = create_model(False, dataset, arch, parallel=False, device_ids=-1 if device == "cpu" else None)
-    return load_lean_checkpoint(model, checkpoint, model_device=device), dataset
+    try:
+        return load_lean_checkpoint(model, checkpoint, model_device=device), dataset
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ValueError(f"checkpoint {checkpoint!r} does not load into {arch} ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0]}): is it a run of --arch {arch}?") from err
 
 
 def run_loaders(arch, dataset, data_dir, seed, validation_split, effective_valid_size, batch_size,
-                effective_test_size=1.0):
-    """The training, validation and test loaders of a compress_classifier.py run with these options."""
+                effective_test_size=1.0, deterministic=False):
+    """The training, validation and test loaders of a compress_classifier.py run with these options
+    (its ``--deterministic`` reseeds to 0 before the split is drawn: so does this)."""
     import distiller
     from distiller.apputils import load_data
-    distiller.set_seed(seed)  # as compress_classifier.py does before it splits off the validation set
+    if not os.path.isdir(data_dir):
+        raise ValueError(f"data directory {data_dir!r} does not exist: give the run's dataset or subset directory")
+    if deterministic:  # as compress_classifier.py seeds before it splits off the validation set
+        distiller.set_deterministic(seed)
+    else:
+        distiller.set_seed(seed)
     train, valid, test, _ = load_data(dataset, arch, data_dir, batch_size, 0, validation_split=validation_split,
-                                      deterministic=False, effective_train_size=1.0,
+                                      deterministic=deterministic, effective_train_size=1.0,
                                       effective_valid_size=effective_valid_size,
                                       effective_test_size=effective_test_size)
     return train, valid, test
@@ -54,7 +70,8 @@ def top1(model, loader):
 
 
 def recalibrate(arch, data_dir, checkpoint, seed, validation_split=0.1, effective_valid_size=1.0, batch_size=128,
-                train_batches=None, device="cpu", save=None, effective_test_size=1.0, test_before=True):
+                train_batches=None, device="cpu", save=None, effective_test_size=1.0, test_before=True,
+                deterministic=False):
     """Top-1 of ``checkpoint``'s network before (if ``test_before``) and after re-estimating its BatchNorm
     statistics on one pass over the run's training images (its first ``train_batches`` batches, if
     given); ``save``: where to write the recalibrated checkpoint."""
@@ -65,7 +82,7 @@ def recalibrate(arch, data_dir, checkpoint, seed, validation_split=0.1, effectiv
     if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise ValueError(f"{arch} has no BatchNorm layer: there are no statistics to re-estimate")
     train, valid, test = run_loaders(arch, dataset, data_dir, seed, validation_split, effective_valid_size,
-                                     batch_size, effective_test_size)
+                                     batch_size, effective_test_size, deterministic)
     result = {"val_top1_before": top1(model, valid), "test_top1_before": top1(model, test)} if test_before else {}
     batches = [(inputs,) for inputs, _ in itertools.islice(train, train_batches)]
     recalibrate_batchnorm(model, batches)
@@ -80,11 +97,13 @@ def recalibrate(arch, data_dir, checkpoint, seed, validation_split=0.1, effectiv
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m distiller_dcq.recalibrate", description=__doc__.split("\n\n")[0])
     parser.add_argument("data", help="the run's dataset directory or subset directory")
     parser.add_argument("checkpoint", help="a Distiller checkpoint of the run (e.g. NAME_checkpoint.pth.tar)")
     parser.add_argument("--arch", "-a", required=True, help="the run's --arch")
     parser.add_argument("--seed", type=int, required=True, help="the run's --seed (it draws the validation set)")
+    parser.add_argument("--deterministic", "--det", action="store_true",
+                        help="the run used --deterministic (it changes which images are the validation set)")
     parser.add_argument("--vs", type=float, default=0.1, help="the run's --vs (default 0.1, Distiller's)")
     parser.add_argument("--effective-valid-size", type=float, default=1.0, help="part of the validation set to test")
     parser.add_argument("--effective-test-size", type=float, default=1.0, help="part of the test set to test")
@@ -98,9 +117,10 @@ def main(argv=None):
     try:
         _, result = recalibrate(args.arch, args.data, args.checkpoint, args.seed, args.vs, args.effective_valid_size,
                                 args.batch_size, args.train_batches, args.device, args.save, args.effective_test_size,
-                                not args.skip_before)
-    except ValueError as err:
-        parser.error(str(err))
+                                not args.skip_before, args.deterministic)
+    except (ValueError, OSError) as err:  # FileNotFoundError included
+        print(f"{parser.prog}: {err}", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps(result))
 
 

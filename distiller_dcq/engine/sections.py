@@ -276,15 +276,18 @@ def _check_nothing_bypasses(model, boundaries, example_input):
 
 def recalibrate_batchnorm(model, batches):
     """Re-estimate the running statistics of every BatchNorm in ``model`` as the average over
-    ``batches`` (tuples of forward inputs, moved to the model's device) of what a training-mode
-    forward computes; no gradients, nothing else changes (modes and momenta are put back)."""
+    ``batches`` (tuples of forward inputs, moved to the model's device) of what its training-mode
+    forward computes, every other module in evaluation mode (Dropout off, activation ranges of
+    quantization-aware training kept); no gradients, nothing else changes (modes and momenta are put
+    back)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     modes, momenta = {m: m.training for m in model.modules()}, {m: m.momentum for m in norms}
     try:
+        model.eval()
         for m in norms:
             m.reset_running_stats()
             m.momentum = None  # a cumulative average over the batches
-        model.train()
+            m.train()
         device = next(model.parameters()).device
         with torch.no_grad():
             for inputs in batches:
