@@ -355,3 +355,20 @@ def test_the_fewshot_tables_show_the_recalibrated_runs_apart_and_name_a_failed_r
     results[runs[1].name]["recalibrated"] = {"failed": "no checkpoint"}
     assert fewshot._table(args, runs, results, "resnet20_cifar", "", recalibrated=True)[2].startswith(
         "| kd_labelfree | failed |")
+
+
+@pytest.mark.parametrize("size", [60, 1000])
+def test_the_fewshot_report_counts_the_steps_distillers_loader_takes(tmp_path, size):
+    """N x round(6400 / N) images per epoch in batches of 128: 51 batches at N = 60, 47 at N = 1000."""
+    from distiller_env import import_distiller
+    import_distiller()
+    from distiller.apputils import load_data
+    from distiller_dcq.report import fewshot
+    from distiller_dcq.subsets import write_subset_dir
+    if not (MNIST_DIR / "MNIST" / "raw").is_dir():
+        unavailable(f"MNIST is missing from {MNIST_DIR}")
+    study = fewshot.STUDY["simplenet_mnist"]
+    write_subset_dir(str(MNIST_DIR), size, 0, str(tmp_path / "subset"), fewshot.repeat("simplenet_mnist", size))
+    train, _, _, _ = load_data("mnist", "simplenet_mnist", str(tmp_path / "subset"), study["batch"], 0)
+    assert fewshot.steps("simplenet_mnist", size) == study["epochs"] * len(train) == {60: 306, 1000: 282}[size]
+    assert f"{study['epochs'] * len(train)} at N = {size}" in fewshot._budget("simplenet_mnist")

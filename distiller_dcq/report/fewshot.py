@@ -16,6 +16,7 @@ the seeds). Networks with BatchNorm: every run tested again after re-estimating 
 import argparse
 import csv
 import json
+import math
 import shlex
 import statistics
 import subprocess
@@ -111,9 +112,8 @@ def data_options(args, run):
     if run.size is None:
         # Distiller takes int(size x fraction) images: half an image more keeps the rounding from losing one
         return source, f"{(study['images_per_epoch'] + 0.5) / study['train_part']:.8f}"
-    repeat = max(1, round(study["images_per_epoch"] / run.size))
     subset = args.out / "data" / f"{run.arch}_n{run.size}_seed{run.seed}"
-    write_subset_dir(str(source), run.size, run.seed, str(subset), repeat)
+    write_subset_dir(str(source), run.size, run.seed, str(subset), repeat(run.arch, run.size))
     return subset, "1.0"
 
 
@@ -218,14 +218,25 @@ def _table(args, runs, results, arch, variant, recalibrated=False):
     return lines
 
 
+def repeat(arch, size):
+    """How many times per epoch each of a subset's ``size`` images is seen: about images-per-epoch in all."""
+    return max(1, round(STUDY[arch]["images_per_epoch"] / size))
+
+
+def steps(arch, size):
+    """The optimizer steps of a run on ``size`` images (None: a new random part of the training set each epoch,
+    images-per-epoch of them): Distiller keeps the last, smaller batch of an epoch."""
+    study = STUDY[arch]
+    images = study["images_per_epoch"] if size is None else size * repeat(arch, size)
+    return study["epochs"] * math.ceil(images / study["batch"])
+
+
 def _budget(arch):
     study = STUDY[arch]
-    steps = study["epochs"] * study["images_per_epoch"] // study["batch"]
-    larger = [n for n in study["sizes"] if n and n > study["images_per_epoch"]]
-    return (f"{arch}: {study['epochs']} epochs of {study['images_per_epoch']} images in batches of {study['batch']} "
-            f"({steps} steps; all: a new random part of the training set each epoch"
-            + "".join(f"; N = {n}: one pass over the {n} images per epoch, {study['epochs'] * n // study['batch']} "
-                      f"steps" for n in larger) + ")")
+    per_size = ", ".join(f"{steps(arch, n)} at N = {n}" if n else f"{steps(arch, n)} on all" for n in study["sizes"])
+    return (f"{arch}: {study['epochs']} epochs in batches of {study['batch']}, each of N images seen "
+            f"round({study['images_per_epoch']} / N) times per epoch (at least once; all: a new random part of "
+            f"{study['images_per_epoch']} training images each epoch); steps: {per_size}")
 
 
 def write_results(args, runs, results):
@@ -238,8 +249,8 @@ def write_results(args, runs, results):
              f"the seed draws the N images too. Every run: Distiller's unmodified compress_classifier.py from "
              f"the same FP teacher, SGD lr {args.lr} momentum 0.9, binary weights x one "
              f"scale per layer and FP activations unless a table's title says otherwise.", "",
-             "Budget, equal across the arms at each N: " + "; ".join(_budget(arch) for arch in args.networks)
-             + ". A subset of N images is seen about images-per-epoch / N times per epoch.", "",
+             "Budget, equal across the arms at each N (not across N: an epoch rounds N x repeats up to whole "
+             "batches): " + "; ".join(_budget(arch) for arch in args.networks) + ".", "",
              f"Machine: {torch.__version__} on CPU, OMP_NUM_THREADS=1, {args.jobs} run(s) at a time; CIFAR-10 is the "
              f"lossy JPEG copy (compare the arms with each other, not with published CIFAR-10 numbers).", "",
              "| arm | labels | what it is |", "|---|---|---|"]
