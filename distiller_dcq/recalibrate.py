@@ -22,6 +22,8 @@ import sys
 
 import torch
 
+from .report.runs import add_device_options, resolve_device
+
 
 def load_quantized(arch, checkpoint, device):
     """The network of a Distiller checkpoint, its quantizer rebuilt (safely: distiller_dcq's loader);
@@ -40,7 +42,7 @@ def load_quantized(arch, checkpoint, device):
 
 
 def run_loaders(arch, dataset, data_dir, seed, validation_split, effective_valid_size, batch_size,
-                effective_test_size=1.0, deterministic=False):
+                effective_test_size=1.0, deterministic=False, workers=0):
     """The training, validation and test loaders of a compress_classifier.py run with these options
     (its ``--deterministic`` reseeds to 0 before the split is drawn: so does this)."""
     import distiller
@@ -51,7 +53,7 @@ def run_loaders(arch, dataset, data_dir, seed, validation_split, effective_valid
         distiller.set_deterministic(seed)
     else:
         distiller.set_seed(seed)
-    train, valid, test, _ = load_data(dataset, arch, data_dir, batch_size, 0, validation_split=validation_split,
+    train, valid, test, _ = load_data(dataset, arch, data_dir, batch_size, workers, validation_split=validation_split,
                                       deterministic=deterministic, effective_train_size=1.0,
                                       effective_valid_size=effective_valid_size,
                                       effective_test_size=effective_test_size)
@@ -71,7 +73,7 @@ def top1(model, loader):
 
 def recalibrate(arch, data_dir, checkpoint, seed, validation_split=0.1, effective_valid_size=1.0, batch_size=128,
                 train_batches=None, device="cpu", save=None, effective_test_size=1.0, test_before=True,
-                deterministic=False):
+                deterministic=False, workers=0):
     """Top-1 of ``checkpoint``'s network before (if ``test_before``) and after re-estimating its BatchNorm
     statistics on one pass over the run's training images (its first ``train_batches`` batches, if
     given); ``save``: where to write the recalibrated checkpoint."""
@@ -82,7 +84,7 @@ def recalibrate(arch, data_dir, checkpoint, seed, validation_split=0.1, effectiv
     if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise ValueError(f"{arch} has no BatchNorm layer: there are no statistics to re-estimate")
     train, valid, test = run_loaders(arch, dataset, data_dir, seed, validation_split, effective_valid_size,
-                                     batch_size, effective_test_size, deterministic)
+                                     batch_size, effective_test_size, deterministic, workers)
     result = {"val_top1_before": top1(model, valid), "test_top1_before": top1(model, test)} if test_before else {}
     batches = [(inputs,) for inputs, _ in itertools.islice(train, train_batches)]
     recalibrate_batchnorm(model, batches)
@@ -110,14 +112,15 @@ def main(argv=None):
     parser.add_argument("-b", "--batch-size", type=int, default=128)
     parser.add_argument("--train-batches", type=int, help="re-estimate on this many training batches (default: "
                                                              "one pass over the training part)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    add_device_options(parser, "the loaders")
     parser.add_argument("--skip-before", action="store_true", help="test only after (the run's log has before)")
     parser.add_argument("--save", help="write the network with its new statistics to this checkpoint file")
     args = parser.parse_args(argv)
     try:
+        args.device, args.workers = resolve_device(args.device, args.workers)
         _, result = recalibrate(args.arch, args.data, args.checkpoint, args.seed, args.vs, args.effective_valid_size,
                                 args.batch_size, args.train_batches, args.device, args.save, args.effective_test_size,
-                                not args.skip_before, args.deterministic)
+                                not args.skip_before, args.deterministic, args.workers)
     except (ValueError, OSError) as err:  # FileNotFoundError included
         print(f"{parser.prog}: {err}", file=sys.stderr)
         sys.exit(2)

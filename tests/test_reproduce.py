@@ -280,7 +280,7 @@ def test_reproduce_trains_the_teacher_first_when_asked_runs_dorefa_from_scratch_
 def test_the_fewshot_study_plans_its_variants_after_the_binary_runs_from_schedules_that_exist():
     from distiller_dcq.report import fewshot
     args = SimpleNamespace(networks=list(fewshot.STUDY), arms=list(fewshot.ARMS), seeds=[0, 1, 2],
-                           many_seeds_up_to=2048, variants=list(fewshot.VARIANTS))
+                           many_seeds_up_to=2048, variants=list(fewshot.VARIANTS), sizes=None, steps=None)
     runs = fewshot.plan(args)
     assert all((SCHEDULES / run.schedule).is_file() for run in runs)
     first_variant = next(i for i, run in enumerate(runs) if run.variant)
@@ -345,13 +345,13 @@ def test_reproduce_refuses_a_run_planned_twice_and_no_jobs_before_any_run(tmp_pa
 def test_the_fewshot_tables_show_the_recalibrated_runs_apart_and_name_a_failed_recalibration():
     from distiller_dcq.report import fewshot
     args = SimpleNamespace(networks=["resnet20_cifar"], arms=["kd_labelfree"], seeds=[0, 1], many_seeds_up_to=2048,
-                           variants=[])
+                           variants=[], sizes=None, steps=None)
     runs = [run for run in fewshot.plan(args) if run.size == 512]
     results = {runs[0].name: {"test_top1": 70.0, "recalibrated": {"test_top1": 74.0}},
                runs[1].name: {"test_top1": 72.0, "recalibrated": {"test_top1": 78.0}}}
-    assert fewshot._table(args, runs, results, "resnet20_cifar", "")[2] == "| kd_labelfree | 71.00 ± 1.41 | - | - | - |"
+    assert fewshot._table(args, runs, results, "resnet20_cifar", "")[2] == "| kd_labelfree | 71.00 ± 1.41 |"
     recalibrated = fewshot._table(args, runs, results, "resnet20_cifar", "", recalibrated=True)
-    assert recalibrated[2] == "| kd_labelfree | 76.00 ± 2.83 | - | - | - |"
+    assert recalibrated[2] == "| kd_labelfree | 76.00 ± 2.83 |"
     results[runs[1].name]["recalibrated"] = {"failed": "no checkpoint"}
     assert fewshot._table(args, runs, results, "resnet20_cifar", "", recalibrated=True)[2].startswith(
         "| kd_labelfree | failed |")
@@ -370,5 +370,74 @@ def test_the_fewshot_report_counts_the_steps_distillers_loader_takes(tmp_path, s
     study = fewshot.STUDY["simplenet_mnist"]
     write_subset_dir(str(MNIST_DIR), size, 0, str(tmp_path / "subset"), fewshot.repeat("simplenet_mnist", size))
     train, _, _, _ = load_data("mnist", "simplenet_mnist", str(tmp_path / "subset"), study["batch"], 0)
-    assert fewshot.steps("simplenet_mnist", size) == study["epochs"] * len(train) == {60: 306, 1000: 282}[size]
-    assert f"{study['epochs'] * len(train)} at N = {size}" in fewshot._budget("simplenet_mnist")
+    assert fewshot.run_steps("simplenet_mnist", size) == study["epochs"] * len(train) == {60: 306, 1000: 282}[size]
+    as_reported = fewshot._budget(SimpleNamespace(sizes=None, steps=None), "simplenet_mnist")
+    assert f"{study['epochs'] * len(train)} at N = {size}" in as_reported
+
+
+def test_the_fewshot_budget_axis_gives_every_arm_the_same_steps_and_scales_the_epochs_not_the_schedule(tmp_path):
+    """--steps 320 1280 5120 at N = 512 and 1024: each image of N repeated so that an epoch is budget x 64 / 10
+    images; the 320-step runs are the study's own (same names, reused); each budget's re-estimation takes one
+    epoch's worth of batches."""
+    from distiller_dcq.report import fewshot
+    args = SimpleNamespace(networks=["resnet20_cifar"], arms=["kd_labelfree", "dcq_adaround_labelfree"], seeds=[0],
+                           many_seeds_up_to=2048, variants=[], sizes=[512, 1024], steps=[320, 1280, 5120],
+                           out=tmp_path, data={"resnet20_cifar": str(tmp_path / "cifar")}, places={}, teacher={},
+                           script="compress_classifier.py", lr="0.01", valid_size="0.1", schedules=SCHEDULES,
+                           device="cpu", workers=0)
+    (tmp_path / "cifar").mkdir()
+    runs = fewshot.plan(args)
+    assert len(runs) == 2 * 2 * 3 and len({r.name for r in runs}) == len(runs)
+    assert {r.name for r in runs if r.budget is None} == {"resnet20_cifar_n512_kd_labelfree",
+                                                          "resnet20_cifar_n512_dcq_adaround_labelfree",
+                                                          "resnet20_cifar_n1024_kd_labelfree",
+                                                          "resnet20_cifar_n1024_dcq_adaround_labelfree"}
+    for run in runs:
+        assert fewshot.run_steps(run.arch, run.size, run.budget) == (run.budget or 320)
+        cmd = [str(c) for c in fewshot.command(args, run)]
+        subset = json.loads((Path(cmd[cmd.index("--arch") + 2]) / "subset.json").read_text())
+        assert subset["size"] * subset["repeat"] == (run.budget or 320) * 64 // 10  # images per epoch
+        assert cmd[cmd.index("--epochs") + 1] == "10" and cmd[cmd.index("--compress") + 1].endswith(run.schedule)
+        batches = fewshot.recalibration_options(args, run.arch, run.budget)
+        assert batches[batches.index("--train-batches") + 1] == str((run.budget or 320) // 10)
+    table = fewshot._table(args, runs, {}, "resnet20_cifar", "")
+    assert table[0] == ("| arm | N = 512, 320 steps | N = 1024, 320 steps | N = 512, 1280 steps | N = 1024, 1280 steps "
+                        "| N = 512, 5120 steps | N = 1024, 5120 steps |")
+
+
+def test_every_results_tool_puts_its_runs_on_the_device_asked_for(tmp_path):
+    from distiller_dcq.report import fewshot, reproduce
+    from distiller_dcq.report.runs import device_options, resolve_device
+    assert resolve_device("auto", None, gpu_available=False) == ("cpu", 0)
+    assert resolve_device("auto", 2, gpu_available=True) == ("cuda", 2)
+    assert resolve_device("cuda", None, jobs=4, gpu_available=True)[1] == max(1, (os.cpu_count() or 2) // 4 - 1)
+    with pytest.raises(ValueError, match=r"--device cuda, but torch sees no GPU \(torch.cuda.is_available\(\) is "
+                                         r"False\): use --device cpu, or auto"):
+        resolve_device("cuda", None, gpu_available=False)
+    with pytest.raises(ValueError, match="--workers is a number of data-loader processes"):
+        resolve_device("cpu", -1, gpu_available=False)
+    assert device_options("cpu", 0) == ["--cpu", "-j", "0"] and device_options("cuda", 3) == ["-j", "3"]
+    args = SimpleNamespace(out=tmp_path, data={"simplenet_mnist": str(MNIST_DIR)}, places={}, script="cc.py",
+                           batch_size="128", device="cuda", workers=3, teacher={}, steps=None, lr="0.01",
+                           valid_size="0.1", schedules=SCHEDULES)
+    on_gpu = [str(c) for c in reproduce.command(args, "simplenet_mnist", "run", "--epochs", "1")]
+    assert "--cpu" not in on_gpu and on_gpu[on_gpu.index("-j") + 1] == "3"
+    run = fewshot.Run("simplenet_mnist", None, "dcq_ce", 0)
+    on_gpu = [str(c) for c in fewshot.command(args, run)]
+    assert "--cpu" not in on_gpu and on_gpu[on_gpu.index("-j") + 1] == "3"
+    options = fewshot.recalibration_options(args, "resnet20_cifar")
+    assert options[options.index("--device") + 1] == "cuda" and options[options.index("--workers") + 1] == "3"
+    args.device, args.workers = "cpu", 0
+    assert [str(c) for c in fewshot.command(args, run)][5:8] == ["--cpu", "-j", "0"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("tool", ["distiller_dcq.report.fewshot", "distiller_dcq.report.reproduce",
+                                  "distiller_dcq.recalibrate"])
+def test_device_cuda_without_a_gpu_is_refused_before_anything_runs(tmp_path, tool, distiller_src):
+    args = {"distiller_dcq.recalibrate": [str(tmp_path), "x.pth.tar", "--arch", "resnet20_cifar", "--seed", "0"]}.get(
+        tool, ["--distiller-src", str(distiller_src), "--out", str(tmp_path / "out")])
+    done = subprocess.run([sys.executable, "-m", tool, *args, "--device", "cuda"], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert "--device cuda, but torch sees no GPU (torch.cuda.is_available() is False)" in done.stderr
+    assert not (tmp_path / "out" / "runs").exists()

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from ..subsets import write_subset_dir
 from .reproduce import NETWORKS, _resolve, resolve_common_args
-from .runs import exit_if_any_failed, portable_paths, run_compress_classifier, with_pythonpath
+from .runs import (add_device_options, device_description, device_options, exit_if_any_failed, portable_paths,
+                   run_compress_classifier, with_pythonpath)
 
 # network -> the study's sizes (None: the full training part), epochs, images per epoch, batch size,
 # training-part size, the sizes at which each variant runs, whether it has BatchNorm (then every run is
@@ -73,11 +74,12 @@ class Run:
     arm: str
     seed: int
     variant: str = ""  # a key of VARIANTS; "": binary weights, FP activations
+    budget: int = None  # optimizer steps (images per epoch = budget x batch / epochs); None: the study's own
 
     @property
     def name(self):
         return (f"{self.arch}_n{self.size or 'full'}_{self.arm}" + (f"_{self.variant}" if self.variant else "")
-                + (f"_seed{self.seed}" if self.seed else ""))
+                + (f"_s{self.budget}" if self.budget else "") + (f"_seed{self.seed}" if self.seed else ""))
 
     @property
     def schedule(self):
@@ -86,8 +88,17 @@ class Run:
 
 
 def arm_sizes(arch, arm):
-    """The sizes at which ``arm`` runs on ``arch``."""
-    return STUDY[arch].get("arm_sizes", {}).get(arm, STUDY[arch]["sizes"])
+    """The sizes at which ``arm`` may run on ``arch`` (None: any)."""
+    limited = STUDY[arch].get("arm_sizes", {})
+    return limited[arm] if arm in limited else _ANY_SIZE
+
+
+class _AnySize:
+    def __contains__(self, size):
+        return True
+
+
+_ANY_SIZE = _AnySize()
 
 
 def plan(args):
@@ -98,12 +109,25 @@ def plan(args):
 
     def seeds(size):
         return args.seeds if few(size) else args.seeds[:1]
-    main = [Run(arch, size, arm, seed) for small in (True, False) for seed in args.seeds for arch in args.networks
-            for size in STUDY[arch]["sizes"] if few(size) == small and seed in seeds(size) for arm in args.arms
-            if size in arm_sizes(arch, arm)]
-    return main + [Run(arch, size, arm, seed, variant) for arch in args.networks
-                   for variant, sizes in STUDY[arch]["variants"].items() if variant in args.variants
-                   for size in sizes for seed in seeds(size) for arm in VARIANT_ARMS if arm in args.arms]
+    main = [Run(arch, size, arm, seed, budget=budget) for small in (True, False) for seed in args.seeds
+            for arch in args.networks for budget in budgets(args, arch) for size in sizes(args, arch)
+            if few(size) == small and seed in seeds(size) for arm in args.arms if size in arm_sizes(arch, arm)]
+    return main + [Run(arch, size, arm, seed, variant, budget) for arch in args.networks
+                   for budget in budgets(args, arch)
+                   for variant, variant_sizes in STUDY[arch]["variants"].items() if variant in args.variants
+                   for size in variant_sizes if size in sizes(args, arch) or args.sizes is None
+                   for seed in seeds(size) for arm in VARIANT_ARMS if arm in args.arms]
+
+
+def sizes(args, arch):
+    """The sizes N of ``arch`` to run: ``--sizes`` (0: the full training part), else the study's."""
+    return STUDY[arch]["sizes"] if args.sizes is None else [n or None for n in args.sizes]
+
+
+def budgets(args, arch):
+    """The budgets of ``arch`` to run (``--steps``), None standing for the study's own."""
+    own = run_steps(arch, None)
+    return [None] if args.steps is None else [None if steps == own else steps for steps in args.steps]
 
 
 def data_options(args, run):
@@ -111,9 +135,10 @@ def data_options(args, run):
     study, source = STUDY[run.arch], _resolve(args.data.get(run.arch) or NETWORKS[run.arch]["data"], args.places)
     if run.size is None:
         # Distiller takes int(size x fraction) images: half an image more keeps the rounding from losing one
-        return source, f"{(study['images_per_epoch'] + 0.5) / study['train_part']:.8f}"
-    subset = args.out / "data" / f"{run.arch}_n{run.size}_seed{run.seed}"
-    write_subset_dir(str(source), run.size, run.seed, str(subset), repeat(run.arch, run.size))
+        return source, f"{(images_per_epoch(run.arch, run.budget) + 0.5) / study['train_part']:.8f}"
+    times = repeat(run.arch, run.size, run.budget)
+    subset = args.out / "data" / (f"{run.arch}_n{run.size}_seed{run.seed}" + (f"_x{times}" if run.budget else ""))
+    write_subset_dir(str(source), run.size, run.seed, str(subset), times)
     return subset, "1.0"
 
 
@@ -122,7 +147,8 @@ def command(args, run):
     data, train_size = data_options(args, run)
     teacher = _resolve(args.teacher.get(run.arch) or Path("../shared/teachers") / f"{run.arch}_fp.pth.tar",
                        args.places)
-    return [sys.executable, args.script, "--arch", run.arch, data, "--cpu", "-j", "0", "-b", str(study["batch"]),
+    return [sys.executable, args.script, "--arch", run.arch, data, *device_options(args.device, args.workers),
+            "-b", str(study["batch"]),
             "--lr", args.lr, "--momentum", "0.9", "--wd", "0", "--epochs", str(study["epochs"]),
             "--vs", VALIDATION_SPLIT, "--effective-valid-size", args.valid_size, "--seed", str(run.seed),
             "--effective-train-size", train_size,
@@ -130,13 +156,14 @@ def command(args, run):
             "--out-dir", args.out / "runs" / run.name, "--name", run.name]
 
 
-def recalibration_options(args, arch):
-    """distiller_dcq.recalibrate's options after --seed for every run of ``arch``: the runs' validation
-    split, BatchNorm statistics re-estimated on one epoch's worth of training images (images-per-epoch:
-    the N images, repeated), no labels; the test top-1 before is in the run's log."""
+def recalibration_options(args, arch, budget=None):
+    """distiller_dcq.recalibrate's options after --seed for a run of ``arch`` and ``budget``: the runs'
+    validation split, BatchNorm statistics re-estimated on one epoch's worth of training images
+    (images-per-epoch: the N images, repeated), no labels; the test top-1 before is in the run's log."""
     study = STUDY[arch]
     return ["--vs", VALIDATION_SPLIT, "--effective-valid-size", args.valid_size, "-b", str(study["batch"]),
-            "--train-batches", str(study["images_per_epoch"] // study["batch"]), "--skip-before"]
+            "--train-batches", str(images_per_epoch(arch, budget) // study["batch"]), "--skip-before",
+            "--device", args.device, "--workers", str(args.workers)]
 
 
 def recalibration_command(args, run, cmd):
@@ -145,7 +172,7 @@ def recalibration_command(args, run, cmd):
                          key=lambda p: p.stat().st_mtime)
     return [sys.executable, "-m", "distiller_dcq.recalibrate", cmd[cmd.index("--arch") + 2],
             checkpoints[-1] if checkpoints else "(no checkpoint)", "--arch", run.arch, "--seed", str(run.seed),
-            *recalibration_options(args, run.arch)]
+            *recalibration_options(args, run.arch, run.budget)]
 
 
 def kept_recalibration(args, run, cmd):
@@ -202,45 +229,61 @@ def _cell(values, expected):
 
 
 def _table(args, runs, results, arch, variant, recalibrated=False):
-    """Markdown rows: one per arm, one column per size, of ``arch``'s ``variant`` ("": the main study)."""
-    sizes = STUDY[arch]["variants"][variant] if variant else STUDY[arch]["sizes"]
-    arms = [arm for arm in VARIANT_ARMS if arm in args.arms] if variant else \
-        [arm for arm in args.arms if arm_sizes(arch, arm)]
-    lines = ["| arm | " + " | ".join(f"N = {n or 'full'}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    """Markdown rows: one per arm, one column per size (and budget, with several) that ``arch``'s ``variant``
+    ("": the main study) has runs at."""
+    several = len(budgets(args, arch)) > 1
+    columns = [(size, budget) for budget in budgets(args, arch) for size in sizes(args, arch)
+               if any((r.arch, r.size, r.variant, r.budget) == (arch, size, variant, budget) for r in runs)]
+    arms = [arm for arm in (VARIANT_ARMS if variant else args.arms) if arm in args.arms
+            and any((r.arch, r.arm, r.variant) == (arch, arm, variant) for r in runs)]
+    lines = ["| arm | " + " | ".join(f"N = {n or 'full'}" + (f", {run_steps(arch, n, b)} steps" if several else "")
+                                     for n, b in columns) + " |", "|---|" + "---|" * len(columns)]
     for arm in arms:
         cells = []
-        for size in sizes:
-            planned = [r for r in runs if (r.arch, r.size, r.arm, r.variant) == (arch, size, arm, variant)]
+        for size, budget in columns:
+            planned = [r for r in runs if (r.arch, r.size, r.arm, r.variant, r.budget) ==
+                       (arch, size, arm, variant, budget)]
             found = _outcomes(planned, results, recalibrated)
             cells.append("failed" if any("failed" in outcome for outcome in found)
-                         else _cell(_top1s(found), len(planned)))
+                         else _cell(_top1s(found), len(planned)) if planned else "")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines
 
 
-def repeat(arch, size):
+def images_per_epoch(arch, budget=None):
+    """Training images per epoch of a run of ``arch`` with ``budget`` optimizer steps (None: the study's own):
+    the schedule keeps its epochs, so its stages (the section stage, AdaRound's window) scale with the budget."""
+    study = STUDY[arch]
+    return study["images_per_epoch"] if budget is None else budget * study["batch"] // study["epochs"]
+
+
+def repeat(arch, size, budget=None):
     """How many times per epoch each of a subset's ``size`` images is seen: about images-per-epoch in all."""
-    return max(1, round(STUDY[arch]["images_per_epoch"] / size))
+    return max(1, round(images_per_epoch(arch, budget) / size))
 
 
-def steps(arch, size):
+def run_steps(arch, size, budget=None):
     """The optimizer steps of a run on ``size`` images (None: a new random part of the training set each epoch,
     images-per-epoch of them): Distiller keeps the last, smaller batch of an epoch."""
     study = STUDY[arch]
-    images = study["images_per_epoch"] if size is None else size * repeat(arch, size)
+    images = images_per_epoch(arch, budget) if size is None else size * repeat(arch, size, budget)
     return study["epochs"] * math.ceil(images / study["batch"])
 
 
-def _budget(arch):
+def _budget(args, arch):
     study = STUDY[arch]
-    per_size = ", ".join(f"{steps(arch, n)} at N = {n}" if n else f"{steps(arch, n)} on all" for n in study["sizes"])
-    return (f"{arch}: {study['epochs']} epochs in batches of {study['batch']}, each of N images seen "
-            f"round({study['images_per_epoch']} / N) times per epoch (at least once; all: a new random part of "
-            f"{study['images_per_epoch']} training images each epoch); steps: {per_size}")
+    text = []
+    for budget in budgets(args, arch):
+        per_size = ", ".join(f"{run_steps(arch, n, budget)} at N = {n}" if n else f"{run_steps(arch, n, budget)} on all"
+                             for n in sizes(args, arch))
+        images = images_per_epoch(arch, budget)
+        text.append(f"{arch}: {study['epochs']} epochs in batches of {study['batch']}, each of N images seen "
+                    f"round({images} / N) times per epoch (at least once; all: a new random part of {images} "
+                    f"training images each epoch); steps: {per_size}")
+    return "; ".join(text)
 
 
 def write_results(args, runs, results):
-    import torch
     lines = ["# Few-shot and label-free binary-weight quantization: DCQ against QAT and KD", "",
              f"Made by `python -m distiller_dcq.report.fewshot {shlex.join(a for a in args.argv if a != '--report-only')}` "
              f"(commands below; `--report-only` rewrites this report from the finished runs). Test top-1 "
@@ -250,8 +293,9 @@ def write_results(args, runs, results):
              f"the same FP teacher, SGD lr {args.lr} momentum 0.9, binary weights x one "
              f"scale per layer and FP activations unless a table's title says otherwise.", "",
              "Budget, equal across the arms at each N (not across N: an epoch rounds N x repeats up to whole "
-             "batches): " + "; ".join(_budget(arch) for arch in args.networks) + ".", "",
-             f"Machine: {torch.__version__} on CPU, OMP_NUM_THREADS=1, {args.jobs} run(s) at a time; CIFAR-10 is the "
+             "batches): " + "; ".join(_budget(args, arch) for arch in args.networks) + ".", "",
+             f"Machine: {device_description(args.device)}, OMP_NUM_THREADS=1, {args.jobs} run(s) at a time, "
+             f"{args.workers} data-loader process(es) each; CIFAR-10 is the "
              f"lossy JPEG copy (compare the arms with each other, not with published CIFAR-10 numbers).", "",
              "| arm | labels | what it is |", "|---|---|---|"]
     lines += [f"| {arm} | {'yes' if ARMS[arm][2] else 'no'} | {ARMS[arm][1]} (`schedules/<network>_{ARMS[arm][0]}.yaml`) |"
@@ -263,12 +307,13 @@ def write_results(args, runs, results):
             lines += ["", f"### {arch}, {VARIANTS[variant][1]}", ""] + _table(args, runs, results, arch, variant)
         if STUDY[arch]["batchnorm"]:
             lines += ["", f"### {arch}, after re-estimating BatchNorm", "",
-                      "The same runs' last checkpoints, their BatchNorm statistics re-estimated on "
-                      f"{STUDY[arch]['images_per_epoch']} of their own training images (one epoch's worth: the N "
-                      "images, repeated, for N below it; no labels, no gradients), then tested: for each run, "
+                      "The same runs' last checkpoints, their BatchNorm statistics re-estimated on one epoch's "
+                      "worth of their own training images (the N images, repeated, for N below images-per-epoch; "
+                      "no labels, no gradients), then tested: for each run, "
                       f"`python -m distiller_dcq.recalibrate DATA {args.out / 'runs'}/NAME/NAME___*/NAME_checkpoint.pth.tar "
                       f"--arch {arch} --seed SEED {shlex.join(recalibration_options(args, arch))}` "
-                      "(DATA, NAME and SEED as in the run's command below).", ""]
+                      "(DATA, NAME and SEED as in the run's command below"
+                      + ("; --train-batches: the run's images per epoch / batch" if args.steps else "") + ").", ""]
             for variant in [""] + variants:
                 lines += ([f"{VARIANTS[variant][1]}:", ""] if variant else []) + _table(
                     args, runs, results, arch, variant, recalibrated=True) + [""]
@@ -279,12 +324,13 @@ def write_results(args, runs, results):
     (args.out / "results.md").write_text(portable_paths("\n".join(lines) + "\n", args.places))
     with open(args.out / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["run", "network", "N", "arm", "variant", "seed", "test_top1", "test_top1_recalibrated_bn",
-                         "seconds"])
+        writer.writerow(["run", "network", "N", "arm", "variant", "seed", "steps", "test_top1",
+                         "test_top1_recalibrated_bn", "seconds"])
         for r in runs:
             result = results.get(r.name, {})
             again = result.get("recalibrated", {})
             writer.writerow([r.name, r.arch, r.size or "full", r.arm, r.variant or "binary", r.seed,
+                             run_steps(r.arch, r.size, r.budget),
                              result.get("test_top1", result.get("failed", "")),
                              again.get("test_top1", again.get("failed", "")), round(result.get("seconds", 0))])
 
@@ -301,21 +347,23 @@ def plot(args, runs, results):
         panels = [False, True] if study["batchnorm"] else [False]
         fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), sharey=True, squeeze=False)
         for ax, recalibrated in zip(axes[0], panels):
-            for arm in args.arms:
-                points = []
-                for size in study["sizes"]:
-                    values = _top1s(_outcomes([r for r in runs if (r.arch, r.size, r.arm, r.variant) ==
-                                               (arch, size, arm, "")], results, recalibrated))
-                    if values:
-                        points.append((size or full_at, statistics.mean(values),
-                                       statistics.stdev(values) if len(values) > 1 else 0.0))
-                if points:
-                    xs, means, stds = zip(*points)
-                    ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=arm,
-                                linestyle="-" if arm.startswith("dcq") else "--")
+            for budget in budgets(args, arch):
+                for arm in args.arms:
+                    points = []
+                    for size in sizes(args, arch):
+                        values = _top1s(_outcomes([r for r in runs if (r.arch, r.size, r.arm, r.variant, r.budget) ==
+                                                   (arch, size, arm, "", budget)], results, recalibrated))
+                        if values:
+                            points.append((size or full_at, statistics.mean(values),
+                                           statistics.stdev(values) if len(values) > 1 else 0.0))
+                    if points:
+                        xs, means, stds = zip(*points)
+                        label = arm + (f", {budget or run_steps(arch, None)} steps" if args.steps else "")
+                        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label,
+                                    linestyle="-" if arm.startswith("dcq") else "--")
             ax.set_xscale("log")
-            ax.set_xticks([n or full_at for n in study["sizes"]], [str(n) if n else f"full\n({full_at})" for n in
-                                                                    study["sizes"]])
+            ax.set_xticks([n or full_at for n in sizes(args, arch)],
+                          [str(n) if n else f"full\n({full_at})" for n in sizes(args, arch)])
             ax.set(title=f"{arch}: binary weights" + (", BatchNorm re-estimated" if recalibrated else ""),
                    xlabel="training images N (log scale)", ylabel="test top-1 (%)")
             ax.grid(alpha=0.3)
@@ -332,6 +380,12 @@ def main(argv=None):
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
                         help="the variants of the binary study to run too, at the sizes STUDY gives them (default: all)")
+    parser.add_argument("--sizes", nargs="+", type=int, help="the training-set sizes N to run (0: the full training "
+                                                              "part; default: the study's for each network)")
+    parser.add_argument("--steps", nargs="+", type=int,
+                        help="budgets: optimizer steps per run (default: the study's, 300 on LeNet, 320 on ResNet-20); "
+                             "a schedule keeps its epochs, each epoch budget x batch / epochs images, so its stages "
+                             "(section stage, AdaRound window) scale with the budget")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--many-seeds-up-to", type=int, default=2048,
                         help="sizes above this get the first seed only (default 2048)")
@@ -341,12 +395,22 @@ def main(argv=None):
     parser.add_argument("--data", nargs="*", help="NETWORK=PATH: data directory (default: ../shared/data/...)")
     parser.add_argument("--teacher", nargs="*", help="NETWORK=PATH: FP checkpoint (default: ../shared/teachers)")
     parser.add_argument("--schedules", type=Path, help="a schedules directory (default: distiller-dcq's own)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each takes one core: OMP_NUM_THREADS=1)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each takes one core, OMP_NUM_THREADS=1; "
+                                                            "on CUDA they share the GPU)")
+    add_device_options(parser)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write the report from the runs --out already has (a study under way)")
     args = parser.parse_args(argv)
     resolve_common_args(args, parser, argv)
+    for arch in args.networks:
+        epochs, batch = STUDY[arch]["epochs"], STUDY[arch]["batch"]
+        odd = [b for b in args.steps or [] if b < epochs or b * batch % epochs]
+        if odd:
+            parser.error(f"--steps {odd[0]}: {arch} trains {epochs} epochs in batches of {batch}, so a budget is a "
+                         f"number of steps >= {epochs} whose images (steps x {batch}) split into {epochs} equal epochs")
+    if any(n < 0 for n in args.sizes or []):
+        parser.error("--sizes are numbers of training images (0: the full training part)")
     runs = plan(args)
     env = {**with_pythonpath(args.distiller_src), "OMP_NUM_THREADS": "1"}
     results, lock, started = {}, threading.Lock(), time.time()

@@ -26,7 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .runs import Progress, exit_if_any_failed, portable_paths, run_compress_classifier, with_pythonpath
+from .runs import (Progress, add_device_options, device_description, device_options, exit_if_any_failed,
+                   portable_paths, resolve_device, run_compress_classifier, with_pythonpath)
 from .schedules import schedules_dir, variant_schedule
 
 SHARED = Path("../shared")  # default data and teachers, from the directory the reproduction runs in
@@ -120,8 +121,8 @@ def _data(args, arch):
 
 def command(args, arch, name, *options):
     """compress_classifier.py on ``arch`` with this reproduction's common settings plus ``options``."""
-    return [sys.executable, args.script, "--arch", arch, _data(args, arch), "--cpu", "-j", "0", "-b",
-            args.batch_size, *options, "--out-dir", args.out / "runs" / name, "--name", name]
+    return [sys.executable, args.script, "--arch", arch, _data(args, arch), *device_options(args.device, args.workers),
+            "-b", args.batch_size, *options, "--out-dir", args.out / "runs" / name, "--name", name]
 
 
 def training_options(lr, epochs, train_size, seed, wd="0"):
@@ -177,7 +178,6 @@ def comparison(by_label):
 
 
 def write_results(args, runs, results):
-    import torch
     seeds = ", ".join(map(str, args.seeds))
     lines = ["# DoReFa vs DCQ (top-1 %, test set, after the last epoch)", "",
              f"Made by `python -m distiller_dcq.report.reproduce {shlex.join(args.argv)}`; every run: Distiller's "
@@ -188,8 +188,7 @@ def write_results(args, runs, results):
                 if args.ablations and (args.ablation_epochs, float(args.ablation_train_size)) != (
                     args.epochs, float(args.train_size)) else "") + "."
              + (" Over several seeds: mean ± standard deviation." if len(args.seeds) > 1 else ""), "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch "
-             f"{torch.__version__}, "
+             f"Machine: {device_description(args.device)}, Python {platform.python_version()}, "
              + (f"{args.jobs} runs at a time, OMP_NUM_THREADS=1" if args.jobs > 1 else
                 f"one run at a time, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}") + "; finished "
              f"{datetime.date.today()}.", ""]
@@ -324,6 +323,12 @@ def resolve_common_args(args, parser, argv):
     if not args.script.is_file():
         parser.error(f"no {args.script.relative_to(args.distiller_src)} under --distiller-src {args.distiller_src}")
     args.places.update({str(args.distiller_src): "$DISTILLER_SRC", sys.executable: "python"})
+    if args.jobs < 1:
+        parser.error(f"--jobs is a number of runs at a time (>= 1), got {args.jobs}")
+    try:
+        args.device, args.workers = resolve_device(args.device, args.workers, args.jobs)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def main(argv=None):
@@ -358,14 +363,14 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rerun", action="store_true", help="run again what --out already has")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at a time after the teachers' (then each takes one core: OMP_NUM_THREADS=1)")
+                        help="runs at a time after the teachers' (then each takes one core, OMP_NUM_THREADS=1; on "
+                             "CUDA they share the GPU)")
+    add_device_options(parser)
     args = parser.parse_args(argv)
     resolve_common_args(args, parser, argv)
     args.ablation_epochs = str(args.ablation_epochs or args.epochs)
     args.ablation_train_size = args.ablation_train_size or args.train_size
     args.epochs, args.lr, args.batch_size = str(args.epochs), str(args.lr), str(args.batch_size)
-    if args.jobs < 1:
-        parser.error(f"--jobs is a number of runs at a time (>= 1), got {args.jobs}")
     runs = plan(args)
     twice = sorted({r.name for r in runs if sum(o.name == r.name for o in runs) > 1})
     if twice:

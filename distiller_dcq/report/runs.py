@@ -35,6 +35,48 @@ def epochs_started(text):
     return len(re.findall(_EPOCH_STARTS, text, re.M))
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def add_device_options(parser, what="each run"):
+    """``--device`` and ``--workers``, as every results tool takes them."""
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="where to train and test (auto, the default: cuda when torch sees a GPU, else cpu)")
+    parser.add_argument("--workers", type=int, help=f"data-loader processes of {what} (default: 0 on the CPU, "
+                                                    "the CPUs shared out among the jobs on CUDA)")
+
+
+def resolve_device(requested, workers, jobs=1, gpu_available=None):
+    """(device, workers): ``auto`` made ``cuda`` or ``cpu``; ``cuda`` without a GPU and negative ``workers``
+    refused (``ValueError``); ``workers`` None: 0 on the CPU (the measured setting: one process a run),
+    on CUDA each of the ``jobs`` runs gets its share of the CPUs, one left for its own process."""
+    import torch
+    gpu_available = torch.cuda.is_available() if gpu_available is None else gpu_available
+    if requested == "cuda" and not gpu_available:
+        raise ValueError("--device cuda, but torch sees no GPU (torch.cuda.is_available() is False): use "
+                         "--device cpu, or auto")
+    device = ("cuda" if gpu_available else "cpu") if requested == "auto" else requested
+    if workers is None:
+        workers = 0 if device == "cpu" else max(1, (os.cpu_count() or 2) // max(1, jobs) - 1)
+    if workers < 0:
+        raise ValueError(f"--workers is a number of data-loader processes (>= 0), got {workers}")
+    return device, workers
+
+
+def device_options(device, workers):
+    """compress_classifier.py's options to run on ``device`` (its default is every GPU it sees)."""
+    return (["--cpu"] if device == "cpu" else []) + ["-j", str(workers)]
+
+
+def device_description(device):
+    """The machine the runs used, for a results file: the GPU's name on CUDA."""
+    import platform
+    import torch
+    if device == "cuda":
+        return f"torch {torch.__version__} on CUDA ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} GPU(s))"
+    return f"torch {torch.__version__} on CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+
 def with_pythonpath(directory, environ=None):
     """A copy of ``environ`` (default: this process's) with ``directory`` first on PYTHONPATH."""
     environ = dict(os.environ if environ is None else environ)
