@@ -14,6 +14,7 @@ from conftest import LENET_TEACHER, MNIST_DIR, ROOT, _require
 from distiller_env import compress_classifier_script, import_distiller
 
 QUICKSTART = ROOT / "examples" / "quickstart.py"
+FEWSHOT_QUICKSTART = ROOT / "examples" / "quickstart_fewshot.py"
 ROUTE = ROOT / "examples" / "distiller_route.sh"
 TABLE_ROW = re.compile(r"^(QAT|DCQ)\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)s$", re.M)
 
@@ -47,6 +48,22 @@ def test_quickstart_trains_both_methods_prints_the_table_and_writes_the_plot(tmp
         assert 90 < final <= 100 and seconds > 0, (method, out)  # chance is 10%
     assert "section pool1" in out and "fine-tune" in out  # DCQ's stages in the progress lines
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_fewshot_quickstart_shows_dcq_without_labels_above_both_baselines_on_60_images(tmp_path):
+    """The default run (60 images, 300 steps, about a minute): what the README promises it shows."""
+    _require(MNIST_DIR / "MNIST" / "raw" / "train-images-idx3-ubyte")
+    _require(LENET_TEACHER)
+    done = subprocess.run([sys.executable, str(FEWSHOT_QUICKSTART), "--data", str(MNIST_DIR), "--teacher",
+                           str(LENET_TEACHER)], capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    top1 = {m: float(v) for m, v in re.findall(r"^  (QAT, labels|KD, no labels|DCQ, no labels)\s+test top-1\s+([\d.]+)%",
+                                               done.stdout, re.M)}
+    assert set(top1) == {"QAT, labels", "KD, no labels", "DCQ, no labels"}, done.stdout
+    assert top1["DCQ, no labels"] > max(top1["QAT, labels"], top1["KD, no labels"]) + 2, top1
+    assert "60 training images (6 of each digit), 300 steps" in done.stdout
+    assert "What this shows: from 60 images and no labels, DCQ's binary LeNet tests" in done.stdout
 
 
 def test_quickstart_without_mnist_at_data_says_so(tmp_path):
