@@ -5,6 +5,7 @@ The only package that imports Distiller; ``distiller_dcq.engine`` never does.
 import sys
 
 from .._hooks import when_imported
+from .batchnorm import BatchNormRecalibrationPolicy
 from .compat import (patch_checkpoint_loading, patch_class_name_errors, patch_criterion_inputs, patch_criterion_loss,
                      patch_imagenet_resnets, patch_pandas_precision, patch_policy_windows, patch_quantizer_prepare,
                      patch_resumed_lr, patch_scheduler_state)
@@ -16,7 +17,7 @@ from .relatives import (AuxiliaryModulePolicy, JointKDPolicy, ProgressivePrecisi
 from .rounding import AdaRoundPolicy
 
 YAML_CLASSES = (DCQQuantizer, SectionalKDPolicy, SPEQPolicy, ProgressivePrecisionPolicy, StochasticPrecisionPolicy,
-                JointKDPolicy, AuxiliaryModulePolicy, AdaRoundPolicy)
+                JointKDPolicy, AuxiliaryModulePolicy, AdaRoundPolicy, BatchNormRecalibrationPolicy)
 
 
 def register(distiller):
@@ -54,4 +55,5 @@ def _patch_image_classifier(image_classifier):
 register(sys.modules["distiller"])  # when this module was imported before Distiller (the hook waited for it)
 
 __all__ = ["DCQQuantizer", "SectionalKDPolicy", "SPEQPolicy", "ProgressivePrecisionPolicy", "StochasticPrecisionPolicy",
-           "JointKDPolicy", "AuxiliaryModulePolicy", "AdaRoundPolicy", "register", "YAML_CLASSES"]
+           "JointKDPolicy", "AuxiliaryModulePolicy", "AdaRoundPolicy", "BatchNormRecalibrationPolicy", "register",
+           "YAML_CLASSES"]

@@ -38,7 +38,8 @@ from .runs import (add_device_options, device_description, device_options, exit_
 STUDY = {
     "simplenet_mnist": dict(sizes=(60, 300, 1000, None), epochs=6, images_per_epoch=6400, batch=128, train_part=54000,
                             variants={"a2": (1000,)}, batchnorm=False,
-                            arm_sizes={"dcq_blocks_mixed_labelfree": ()}),  # LeNet's 4 sections are its 4 layers
+                            # LeNet's 4 sections are its 4 layers; it has no BatchNorm to re-estimate
+                            arm_sizes={"dcq_blocks_mixed_labelfree": (), "dcq_adaround_whole_labelfree": ()}),
     "resnet20_cifar": dict(sizes=(512, 2048, 8192, None), epochs=10, images_per_epoch=2048, batch=64, train_part=45000,
                            variants={"ternary": (512,)}, batchnorm=True,
                            arm_sizes={"dcq_blocks_mixed_labelfree": (512, 2048)}),
@@ -57,6 +58,9 @@ ARMS = {
                                                                         "residual block (BRECQ's granularity)", False),
     "dcq_adaround_labelfree": ("dcq_binary_adaround_labelfree", "as dcq_mixed_labelfree, the sections learning only "
                                                                 "which weights leave their level (AdaRound)", False),
+    "dcq_adaround_whole_labelfree": ("dcq_binary_adaround_whole_labelfree", "as dcq_adaround_labelfree, the section "
+                                     "stage the whole run (no logits-KD phase), BatchNorm re-estimated at its end",
+                                     False),
 }
 # variant of the binary-weight, FP-activation study -> (its schedule suffix made from an arm's, what it is);
 # a variant runs the arms VARIANT_ARMS at the sizes STUDY gives it
