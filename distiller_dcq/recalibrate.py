@@ -31,7 +31,9 @@ def load_quantized(arch, checkpoint, device):
     from distiller.apputils import classification_dataset_str_from_arch, load_lean_checkpoint
     from distiller.models import create_model
     from .adapter.checkpoints import load_distiller_checkpoint
-    load_distiller_checkpoint(checkpoint)  # its own clear errors, before Distiller's
+    loaded = load_distiller_checkpoint(checkpoint)  # its own clear errors, before Distiller's
+    if not (isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict)):
+        raise ValueError(f"checkpoint {checkpoint!r} holds no state_dict of weights: is it a Distiller checkpoint?")
     dataset = classification_dataset_str_from_arch(arch)
     model = create_model(False, dataset, arch, parallel=False, device_ids=-1 if device == "cpu" else None)
     try:
@@ -49,14 +51,21 @@ def run_loaders(arch, dataset, data_dir, seed, validation_split, effective_valid
     from distiller.apputils import load_data
     if not os.path.isdir(data_dir):
         raise ValueError(f"data directory {data_dir!r} does not exist: give the run's dataset or subset directory")
+    if not 0 <= validation_split < 1:
+        raise ValueError(f"--vs is the run's validation fraction, in [0, 1), got {validation_split}")
     if deterministic:  # as compress_classifier.py seeds before it splits off the validation set
         distiller.set_deterministic(seed)
     else:
         distiller.set_seed(seed)
-    train, valid, test, _ = load_data(dataset, arch, data_dir, batch_size, workers, validation_split=validation_split,
-                                      deterministic=deterministic, effective_train_size=1.0,
-                                      effective_valid_size=effective_valid_size,
-                                      effective_test_size=effective_test_size)
+    try:
+        train, valid, test, _ = load_data(dataset, arch, data_dir, batch_size, workers,
+                                          validation_split=validation_split, deterministic=deterministic,
+                                          effective_train_size=1.0, effective_valid_size=effective_valid_size,
+                                          effective_test_size=effective_test_size)
+    except Exception as err:  # a folder without the dataset: torchvision tries to download it, or finds no images
+        raise ValueError(f"data directory {data_dir!r} holds no {dataset} dataset Distiller can read "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): give the run's "
+                         f"dataset or subset directory") from err
     return train, valid, test
 
 
@@ -80,6 +89,8 @@ def recalibrate(arch, data_dir, checkpoint, seed, validation_split=0.1, effectiv
     from .engine import recalibrate_batchnorm
     if train_batches is not None and (not isinstance(train_batches, int) or train_batches < 1):
         raise ValueError(f"train_batches is a number of training batches (>= 1), got {train_batches!r}")
+    if save and not os.path.isdir(os.path.dirname(os.path.abspath(save))):
+        raise ValueError(f"--save {save!r}: its directory does not exist")
     model, dataset = load_quantized(arch, checkpoint, device)
     if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise ValueError(f"{arch} has no BatchNorm layer: there are no statistics to re-estimate")

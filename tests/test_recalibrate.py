@@ -153,18 +153,21 @@ def test_dropout_is_off_while_the_statistics_are_re_estimated():
 
 
 @pytest.mark.parametrize("checkpoint, message", [
-    ("missing.pth.tar", "checkpoint '{path}' does not exist: check the path"),
+    ("missing.pth.tar", "checkpoint '{path}' does not exist or is not a file: check the path"),
+    ("int.pth.tar", "checkpoint '{path}' holds no state_dict of weights: is it a Distiller checkpoint?"),
     ("text.pth.tar", "checkpoint '{path}' cannot be loaded safely"),
     ("bytearray.pth.tar", "checkpoint '{path}' cannot be loaded safely (UnsafePickle: the checkpoint names "
                           "builtins.bytearray"),
     ("lenet.pth.tar", "checkpoint '{path}' does not load into resnet20_cifar"),
-], ids=["missing", "not-a-checkpoint", "refused", "other-arch"])
+], ids=["missing", "not-a-dict", "not-a-checkpoint", "refused", "other-arch"])
 def test_a_checkpoint_recalibrate_cannot_use_is_one_line_naming_it(tmp_path, cifar_subset, checkpoint, message):
     path = tmp_path / checkpoint
     if checkpoint == "text.pth.tar":
         path.write_text("not a checkpoint\n")
     elif checkpoint == "bytearray.pth.tar":
         torch.save({"state_dict": {}, "x": bytearray(8)}, path)
+    elif checkpoint == "int.pth.tar":
+        torch.save(5, path)
     elif checkpoint == "lenet.pth.tar":
         path.write_bytes(LENET_TEACHER.read_bytes())
     done = subprocess.run([sys.executable, "-m", "distiller_dcq.recalibrate", str(cifar_subset), str(path),
@@ -179,3 +182,19 @@ def test_a_missing_data_directory_is_one_line_naming_it(tmp_path):
                            str(RESNET_TEACHER), "--arch", "resnet20_cifar", "--seed", "0"], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert f"data directory '{tmp_path / 'nowhere'}' does not exist" in done.stderr
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--vs", "1.5"], "--vs is the run's validation fraction, in [0, 1), got 1.5"),
+    (["--save", "nowhere/x.pth.tar"], "--save 'nowhere/x.pth.tar': its directory does not exist"),
+    (["--data-is-empty"], "holds no cifar10 dataset Distiller can read"),
+], ids=["validation-fraction", "save-directory", "empty-data-directory"])
+def test_options_recalibrate_cannot_use_are_one_line_before_any_work(tmp_path, option, message):
+    data = tmp_path / "empty" if option == ["--data-is-empty"] else CIFAR
+    data.mkdir(exist_ok=True) if data != CIFAR else None
+    options = [] if option == ["--data-is-empty"] else option
+    done = subprocess.run([sys.executable, "-m", "distiller_dcq.recalibrate", str(data), str(RESNET_TEACHER),
+                           "--arch", "resnet20_cifar", "--seed", "0", *options], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert message in done.stderr

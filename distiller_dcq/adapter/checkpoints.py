@@ -106,8 +106,9 @@ _NUMPY_STAND_INS = [(NumpyDtype, "numpy.dtype"),
 
 
 # what torch.save writes for a checkpoint's tensors, dicts, devices, dtypes and bytes (NumPy scalars' data)
-TORCH_GLOBALS = ("collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter",
-                 "torch.Size", "torch.device", "_codecs.encode", "builtins.set")
+TORCH_GLOBALS = ("collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3",
+                 "torch._utils._rebuild_parameter", "torch.Size", "torch.device", "_codecs.encode", "builtins.set",
+                 "builtins.complex", "torch.storage.UntypedStorage")  # the last: a storage id's type, never called
 
 
 def _torch_global_names():
@@ -224,7 +225,7 @@ def load_distiller_checkpoint(path, map_location="cpu"):
     """Load a Distiller checkpoint file safely; a file that is missing, corrupt or wants more than the
     allow-list is a ``FileNotFoundError``/``ValueError`` naming the file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist: check the path")
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist or is not a file: check the path")
     try:
         return torch_load_distiller_checkpoint(torch.load, path, map_location=map_location)
     except Exception as err:
@@ -235,19 +236,24 @@ def load_distiller_checkpoint(path, map_location="cpu"):
 
 # param_group keys that pick a step kernel: a fused, capturable or differentiable step trusts the state's tensors
 KERNEL_KEYS = ("fused", "capturable", "differentiable")
-LR_SCHEDULER_KEYS = ("initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum")  # torch's schedulers add them
-SCALAR_STATE = ("step", "eta", "mu", "mu_product")  # the per-parameter state that is one number, not a tensor like it
+# param_group keys torch writes beside an optimizer's own: its LR schedulers' (SWALR's too), named parameters'
+TORCH_GROUP_KEYS = ("initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum", "swa_lr", "param_names")
+SCALAR_STATE = ("step", "eta", "mu", "mu_product")  # the per-parameter state that is one number
+# the per-parameter buffers of torch's optimizers: as large as their parameter (a fused or foreach step trusts it)
+BUFFER_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "grad_avg", "acc_delta",
+                "sum", "exp_inf", "ax", "prev", "step_size")
 
 
 def check_optimizer_state(optimizer, state, what):
     """Refuse (``ValueError`` naming ``what``) a saved ``Optimizer.state_dict()`` that does not fit
-    ``optimizer``: other groups or parameter counts, a param_group key the optimizer lacks (beside the LR
-    schedulers'), ``fused``/``capturable``/``differentiable`` turned on, a state tensor whose shape or dtype
-    is not its parameter's (``SCALAR_STATE``: one number). ``load_state_dict`` then moves each tensor to its
-    parameter's device."""
+    ``optimizer``: other groups or parameter counts, a param_group key neither the optimizer nor torch's
+    LR schedulers write, ``fused``/``capturable``/``differentiable`` turned on, a buffer (``BUFFER_STATE``)
+    whose shape or dtype is not its parameter's, a ``SCALAR_STATE`` that is not one number. Other state
+    (Adafactor's row and column variances, LBFGS's history) is left to its own, non-fused step, which
+    checks shapes. ``load_state_dict`` then moves each tensor to its parameter's device."""
     def refuse(problem):
-        raise ValueError(f"{what}: the saved {type(optimizer).__name__} state {problem}; a checkpoint this package "
-                         f"or Distiller saved never does: resume from the run's own checkpoint")
+        raise ValueError(f"{what}: the saved {type(optimizer).__name__} state {problem}; refused (a crafted state "
+                         f"can make a fused step write out of bounds): resume from the run's own checkpoint")
     if not (isinstance(state, dict) and isinstance(state.get("state"), dict)
             and isinstance(state.get("param_groups"), list)):
         refuse("is not an optimizer state_dict (state and param_groups)")
@@ -263,7 +269,7 @@ def check_optimizer_state(optimizer, state, what):
         turned_on = [k for k in KERNEL_KEYS if group.get(k)]
         if turned_on:
             refuse(f"turns on {', '.join(turned_on)} in group {index} (a kernel that trusts the state's sizes)")
-        unknown = sorted(str(k) for k in group if k not in own and k not in LR_SCHEDULER_KEYS)
+        unknown = sorted(str(k) for k in group if k not in own and k not in TORCH_GROUP_KEYS)
         if unknown:
             refuse(f"sets {', '.join(unknown)} in group {index}, which {type(optimizer).__name__} does not have")
         params.update(zip(group["params"], own["params"]))
@@ -272,16 +278,17 @@ def check_optimizer_state(optimizer, state, what):
             refuse(f"holds state for parameter {key!r}, which none of its groups lists")
         param = params[key]
         for name, value in param_state.items():
-            if value is None or (name in SCALAR_STATE and type(value) in (int, float)):
-                continue
-            if not isinstance(value, torch.Tensor):
-                refuse(f"holds a {type(value).__name__} as {name!r} of parameter {key}")
             if name in SCALAR_STATE:
-                if value.numel() != 1 or value.is_complex():
-                    refuse(f"holds {name!r} of parameter {key} with shape {tuple(value.shape)}, not one number")
-            elif value.shape != param.shape or value.dtype != param.dtype:
-                refuse(f"holds {name!r} of parameter {key} as {value.dtype} {tuple(value.shape)}; the parameter is "
-                       f"{param.dtype} {tuple(param.shape)}")
+                if not (type(value) in (int, float) or isinstance(value, torch.Tensor) and value.numel() == 1
+                        and not value.is_complex()):
+                    refuse(f"holds {name!r} of parameter {key} as {type(value).__name__} "
+                           f"{tuple(getattr(value, 'shape', ()))}, not one number")
+            elif name in BUFFER_STATE and value is not None:
+                if not isinstance(value, torch.Tensor):
+                    refuse(f"holds a {type(value).__name__} as {name!r} of parameter {key}")
+                if value.shape != param.shape or value.dtype != param.dtype or value.layout != param.layout:
+                    refuse(f"holds {name!r} of parameter {key} as {value.dtype} {tuple(value.shape)}; the parameter "
+                           f"is {param.dtype} {tuple(param.shape)}")
 
 
 def load_optimizer_state(optimizer, state, what):

@@ -5,20 +5,23 @@
 - nesting: a tuple nested a million deep, used as a dict key, makes the interpreter recurse in C while
   hashing it (a crash, not an exception);
 - allocation: torch's default allow-list lets the file call ``bytearray(n)``, ``torch.Tensor(n)`` or
-  ``UntypedStorage(n)`` with an ``n`` of its choice, and a storage record may claim more bytes than it has.
+  ``UntypedStorage(n)`` with an ``n`` of its choice, a storage record may claim more bytes than it has
+  (or be compressed), and a tensor may claim more elements than its storage holds (stride 0).
 
 So the scan refuses, before unpickling: any global not on the caller's list of names (``accepted``:
 what Distiller checkpoints name), nesting deeper than ``MAX_NESTING``, more memo entries than
-``MAX_MEMO``, compressed archive members (torch never writes them: a zip bomb), and storages larger
-than the bytes the file holds for them. Torch's two formats are read: the zip archive (torch >= 1.6)
-and the legacy sequence of pickles followed by raw storages.
+``MAX_MEMO``, storages larger than the bytes the file holds for them, tensors with more elements than
+their storage. It reads the bytes torch will read, with torch's own tests and readers: the zip archive
+(torch >= 1.6: torch's ``_is_zipfile`` and its miniz reader, ``PyTorchFileReader``, not Python's
+``zipfile``, which finds other members in a crafted file) and the legacy sequence of pickles followed
+by raw storages. Its cost is linear in the pickle's size.
 """
 import _compat_pickle
 import io
+import math
 import os
 import pickletools
 import tarfile
-import zipfile
 
 import torch
 
@@ -47,6 +50,19 @@ class _Global(str):
     """A global's dotted name, as the value of the entry that refers to it."""
 
 
+class _Storage:
+    """A storage the pickle refers to (a persistent id): its size in bytes and its elements' size."""
+
+    def __init__(self, nbytes, itemsize):
+        self.nbytes, self.itemsize = nbytes, itemsize
+
+
+TENSOR_REBUILDS = ("torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3")
+# accepted as what a storage id names (its type), never called: UntypedStorage(n) allocates n bytes
+NOT_CALLABLE = ("torch.storage.UntypedStorage",)
+_CALLS = ("REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST")
+
+
 def _literal(op, arg):
     if op.name in ("NONE", "NEWTRUE", "NEWFALSE"):
         return {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}[op.name]
@@ -62,7 +78,7 @@ class _PickleScan:
     def __init__(self, accepted, on_storage):
         self.accepted, self.on_storage = accepted, on_storage
         self.stack, self.marks, self.memo = [], [], {}
-        self.work_left = 0  # depth updates allowed (a pickle of n opcodes gets 100 n: a real one needs about n)
+        self.work_left = 0  # depth updates allowed (a pickle of n opcodes gets 4 n: a real one needs about n)
 
     def deepen(self, entry, depth):
         """``entry`` now holds something ``depth - 1`` deep: raise it, and whatever holds it, to fit."""
@@ -98,7 +114,7 @@ class _PickleScan:
 
     def run(self, stream):
         for op, arg, _ in pickletools.genops(stream):
-            self.work_left += 100
+            self.work_left += 4
             self.step(op, arg)
 
     def step(self, op, arg):
@@ -125,6 +141,8 @@ class _PickleScan:
             raise UnsafePickle("the pickle uses the copyreg extension registry, which checkpoints never do")
         elif name in _MUTATING:  # the object below the operands now holds them
             parts = self.pop_operands(op)
+            if isinstance(parts[0].value, _Storage):
+                raise UnsafePickle("the pickle sets the state of a storage, which torch.save never does")
             self.hold(parts[0], parts[1:])
             stack.append(parts[0])
         else:
@@ -137,7 +155,7 @@ class _PickleScan:
         name = op.name
         if name in ("GLOBAL", "STACK_GLOBAL"):
             module, qualname = arg.split(" ", 1) if name == "GLOBAL" else (p.value for p in parts)
-            if not (isinstance(module, str) and isinstance(qualname, str)):
+            if not (type(module) is str and type(qualname) is str):
                 raise UnsafePickle("the pickle names a global by strings it computes")
             module, qualname = _python3_name(module, qualname)
             if f"{module}.{qualname}" not in self.accepted:
@@ -145,10 +163,13 @@ class _PickleScan:
                                    f"not hold")
             return _Global(f"{module}.{qualname}")
         if name in ("PERSID", "BINPERSID"):
-            self.on_storage(parts[0].value if name == "BINPERSID" else arg)
+            return self.on_storage(parts[0].value if name == "BINPERSID" else arg)
         if name.startswith("TUPLE") or name == "EMPTY_TUPLE":
-            values = tuple(p.value for p in parts)
-            return _NO_VALUE if any(v is _NO_VALUE for v in values) else values
+            return tuple(p.value for p in parts)
+        if name in _CALLS and parts and parts[0].value in NOT_CALLABLE:
+            raise UnsafePickle(f"the pickle calls {parts[0].value}, which a checkpoint only names")
+        if name == "REDUCE" and parts[0].value in TENSOR_REBUILDS:
+            _check_tensor(parts[0].value, parts[1].value)
         return _literal(op, arg)
 
 
@@ -161,8 +182,9 @@ def _python3_name(module, qualname):
 
 def scan_pickle(stream, accepted, on_storage):
     """Read one pickle from ``stream`` (to its STOP) without building it; refuse (``UnsafePickle``) a
-    global outside ``accepted``, deep nesting or a huge memo; call ``on_storage(persistent_id)`` for each
-    storage it refers to (the id as a tuple of plain values, global names as ``str``)."""
+    global outside ``accepted``, deep nesting, a huge memo or a tensor larger than its storage; for each
+    storage it refers to, ``on_storage(persistent_id)`` (the id as a tuple of plain values, global names
+    as ``str``) checks it and returns its ``_Storage``."""
     try:
         _PickleScan(accepted, on_storage).run(stream)
     except UnsafePickle:
@@ -171,70 +193,104 @@ def scan_pickle(stream, accepted, on_storage):
         raise UnsafePickle(f"not a well-formed pickle ({err})") from err
 
 
-def _storage_bytes(persistent_id):
-    """The bytes a storage id (``('storage', type, key, location, numel[, view])``) asks for, and its key."""
+def _check_tensor(rebuild, args):
+    """Refuse a tensor (``_rebuild_tensor_v2/v3(storage, offset, size, stride, ...)``) whose elements do not
+    all lie in its storage, or that has more elements than its storage (a broadcast view, stride 0)."""
+    if not (isinstance(args, tuple) and len(args) >= 4 and isinstance(args[0], _Storage)):
+        raise UnsafePickle(f"the pickle rebuilds a tensor from {args!r}, not from a storage, offset, size and stride")
+    storage, offset, size, stride = args[:4]
+    itemsize = storage.itemsize
+    if rebuild.endswith("_v3"):  # an untyped storage and the tensor's dtype
+        dtype = args[6] if len(args) > 6 else None
+        dtype = getattr(torch, dtype.rpartition(".")[2], None) if isinstance(dtype, _Global) else None
+        if not isinstance(dtype, torch.dtype):
+            raise UnsafePickle("the pickle rebuilds a tensor of no known dtype")
+        itemsize = torch._utils._element_size(dtype)
+    numbers = (offset, *size, *stride) if isinstance(size, tuple) and isinstance(stride, tuple) else (None,)
+    if len(size or ()) != len(stride or ()) or not all(type(n) is int and n >= 0 for n in numbers):
+        raise UnsafePickle(f"the pickle rebuilds a tensor with offset {offset!r}, size {size!r}, stride {stride!r}")
+    elements = math.prod(size)
+    end = offset + sum((n - 1) * step for n, step in zip(size, stride)) + 1 if elements else 0
+    if max(end, elements) * itemsize > storage.nbytes:
+        raise UnsafePickle(f"a tensor of size {size} (stride {stride}, offset {offset}) claims more than its storage's "
+                           f"{storage.nbytes} bytes")
+
+
+def _storage(persistent_id):
+    """The ``_Storage`` a storage id (``('storage', type, key, location, numel[, view])``) asks for, and its key."""
     if not (isinstance(persistent_id, tuple) and len(persistent_id) >= 5 and persistent_id[0] == "storage"):
         raise UnsafePickle(f"the pickle refers to {persistent_id!r}, which is not one of torch's storages")
     storage_type, key, numel = persistent_id[1], persistent_id[2], persistent_id[4]
-    if not isinstance(storage_type, _Global) or type(numel) is not int or numel < 0:
-        raise UnsafePickle(f"the pickle refers to a storage {persistent_id!r} of no known type or size")
+    if not isinstance(storage_type, _Global) or type(key) is not str or type(numel) is not int or numel < 0:
+        raise UnsafePickle(f"the pickle refers to a storage {persistent_id!r} of no known type, key or size")
     short = storage_type.rpartition(".")[2]
     dtype = torch.uint8 if short == "UntypedStorage" else torch.storage._get_dtype_from_pickle_storage_type(short)
-    return numel * torch._utils._element_size(dtype), key
+    itemsize = torch._utils._element_size(dtype)
+    return _Storage(numel * itemsize, itemsize), key
 
 
 def scan_checkpoint(file, accepted):
-    """Refuse (``UnsafePickle``) a checkpoint file (path or binary file object) that ``torch.load`` must not
-    be handed: see the module's docstring. A file object is read and put back where it was."""
-    if hasattr(file, "read"):
-        position = file.tell()
-        data = file.read()
-        file.seek(position)
-    else:
-        with open(os.fspath(file), "rb") as opened:
-            data = opened.read()
-    if zipfile.is_zipfile(io.BytesIO(data)):
-        _scan_archive(zipfile.ZipFile(io.BytesIO(data)), accepted)
-    elif _is_tar(data):
-        raise UnsafePickle("a tar archive (torch < 0.4's format): re-save it with a current torch")
-    else:
-        _scan_legacy(io.BytesIO(data), accepted)
-
-
-def _is_tar(data):
+    """Refuse (``UnsafePickle``) a checkpoint file (path or seekable binary file object) that ``torch.load``
+    must not be handed: see the module's docstring. A file object is put back where it was."""
+    opened = file if hasattr(file, "read") else open(os.fspath(file), "rb")
+    position = opened.tell()
     try:
-        return tarfile.is_tarfile(io.BytesIO(data))
+        size = opened.seek(0, io.SEEK_END) - position
+        opened.seek(position)
+        if torch.serialization._is_zipfile(opened):  # what torch.load decides by: the first 4 bytes
+            _scan_archive(torch._C.PyTorchFileReader(opened), size, accepted)
+        elif _is_tar(opened):
+            raise UnsafePickle("a tar archive (torch < 0.4's format): re-save it with a current torch")
+        else:
+            _scan_legacy(opened, size, accepted)
+    finally:
+        if opened is file:
+            opened.seek(position)
+        else:
+            opened.close()
+
+
+def _is_tar(opened):
+    position = opened.tell()
+    try:
+        return tarfile.is_tarfile(opened)
     except Exception:
         return False
+    finally:
+        opened.seek(position)
 
 
-def _scan_archive(archive, accepted):
-    members = archive.infolist()
-    compressed = [m.filename for m in members if m.compress_type != zipfile.ZIP_STORED]
-    if compressed:
-        raise UnsafePickle(f"archive members are compressed ({compressed[0]}), which torch.save never does")
-    sizes = {m.filename: m.file_size for m in members}
-    pickles = [name for name in sizes if name.endswith("/data.pkl") or name == "data.pkl"]
-    if len(pickles) != 1:
-        raise UnsafePickle(f"the archive holds {len(pickles)} data.pkl files, a torch checkpoint one")
-    prefix = pickles[0][:-len("data.pkl")]
-
-    def check(persistent_id):
-        nbytes, key = _storage_bytes(persistent_id)
-        record = f"{prefix}data/{key}"
-        if nbytes > sizes.get(record, -1):
-            raise UnsafePickle(f"a storage claims {nbytes} bytes, but its record {record!r} holds "
-                               f"{sizes.get(record, 'none')}")
-    scan_pickle(io.BytesIO(archive.read(pickles[0])), accepted, check)
-
-
-def _scan_legacy(stream, accepted):
-    size, claimed = len(stream.getbuffer()), {}
+def _scan_archive(reader, size, accepted):
+    """The archive as torch reads it: its data.pkl, the records its storages name (each no larger than the
+    file: torch.save stores records uncompressed, and a compressed one could inflate to any size)."""
+    pickled = reader.get_record_size("data.pkl") if reader.has_record("data.pkl") else None
+    if pickled is None or pickled > size:
+        raise UnsafePickle("the archive has no data.pkl torch can read" if pickled is None else
+                           f"its data.pkl unpacks to {pickled} bytes, more than the file's {size} (compressed)")
+    seen = {}
 
     def check(persistent_id):
-        nbytes, key = _storage_bytes(persistent_id)
-        claimed[key] = max(nbytes, claimed.get(key, 0))
+        storage, key = _storage(persistent_id)
+        record = f"data/{key}"
+        held = reader.get_record_size(record) if reader.has_record(record) else None
+        if held is None or storage.nbytes > held:
+            raise UnsafePickle(f"a storage claims {storage.nbytes} bytes, but its record {record!r} holds "
+                               f"{'none' if held is None else held}")
+        seen[key] = held
+        if sum(seen.values()) > size:
+            raise UnsafePickle(f"its storage records unpack to more than the file's {size} bytes (compressed)")
+        return storage
+    scan_pickle(io.BytesIO(reader.get_record("data.pkl")), accepted, check)
+
+
+def _scan_legacy(stream, size, accepted):
+    claimed = {}
+
+    def check(persistent_id):
+        storage, key = _storage(persistent_id)
+        claimed[key] = max(storage.nbytes, claimed.get(key, 0))
         if sum(claimed.values()) > size:
             raise UnsafePickle(f"its storages claim {sum(claimed.values())} bytes, more than the file's {size}")
+        return storage
     for _ in range(LEGACY_PICKLES):
         scan_pickle(stream, accepted, check)
