@@ -31,6 +31,6 @@ setup(
     python_requires=">=3.8",
     install_requires=["torch>=2.6", "numpy", "pyyaml"],  # 2.6: safe_globals takes (reference, name) pairs
     extras_require={"test": ["pytest", "torchvision", "scipy", "matplotlib"], "svhn": ["scipy"],
-                    "report": ["matplotlib"]},
+                    "report": ["matplotlib"], "export": ["onnx", "onnxruntime"]},
     cmdclass={"build_py": BuildPyWithPth},
 )
