@@ -21,6 +21,12 @@
 # 6. $OUT/cuda_check.md (test top-1, seconds per training epoch, GPU, torch/CUDA versions), cuda_check.json,
 #    cuda_check_console.txt, cuda_check_logs.tar.gz. Exit 0 only if the tests and every run passed.
 #
+# CUDA_CHECK_STUDY=fewshot_budget: after steps 1-3, instead of the tests and the runs, the few-shot budget study
+# (issue #20) on the GPU: python -m distiller_dcq.report.fewshot --device cuda on ResNet-20 with STUDY_ARMS
+# (kd_labelfree dorefa_kd dcq_adaround_labelfree dcq_adaround_whole_labelfree), STUDY_SIZES (512), STUDY_STEPS
+# (1280), STUDY_SEEDS (0 1 2), STUDY_JOBS (8) runs at a time sharing the GPU, cut at the budget; its report,
+# CSV, plots and every run's result.json, log and re-estimation to $OUT/fewshot_budget. Stage the whole CIFAR-10
+# copy for it (30 MiB): CIFAR_TRAIN_PER_CLASS=5000 CIFAR_TEST_PER_CLASS=1000 benchmarks/cuda/stage.sh DISTILLER_SRC.
 # Settings (environment): OUT (default WORK/out); CUDA_CHECK_WORK (a new /tmp dir); CUDA_CHECK_STAGE
 # (.device); DISTILLER_SRC (STAGE/distiller); CUDA_CHECK_PYTHON (python3); CUDA_CHECK_BUDGET_S (450:
 # seconds from the start by which the tests and runs must have ended); CUDA_CHECK_LENET_EPOCHS (2);
@@ -136,6 +142,36 @@ tar -xzf "$STAGE/data/cifar10-jpeg-subset.tar.gz" -C "$SHARED/data/cifar10-jpeg"
 cp "$STAGE"/teachers/*.pth.tar "$SHARED/teachers/"
 say "CIFAR-10 subset: $(find "$SHARED/data/cifar10-jpeg/train" -name '*.jpg' | wc -l) train," \
     "$(find "$SHARED/data/cifar10-jpeg/test" -name '*.jpg' | wc -l) test images"
+
+# --- the few-shot budget study instead of 4-6, when asked -----------------------------------------------------------
+if [ "${CUDA_CHECK_STUDY:-}" = fewshot_budget ]; then
+  STUDY_OUT=$OUT/fewshot_budget
+  if [ "$DRY" = 1 ]; then  # the plumbing only: the smallest budget the schedules allow, a few images
+    STEPS=${STUDY_STEPS:-10}; SIZES=${STUDY_SIZES:-40}; SEEDS=${STUDY_SEEDS:-0}; JOBS=${STUDY_JOBS:-2}
+    ARMS=${STUDY_ARMS:-kd_labelfree dcq_adaround_whole_labelfree}; VALID=0.02
+  else
+    STEPS=${STUDY_STEPS:-1280}; SIZES=${STUDY_SIZES:-512}; SEEDS=${STUDY_SEEDS:-0 1 2}; JOBS=${STUDY_JOBS:-8}
+    ARMS=${STUDY_ARMS:-kd_labelfree dorefa_kd dcq_adaround_labelfree dcq_adaround_whole_labelfree}; VALID=0.1
+  fi
+  LIMIT=$(( DEADLINE - $(date +%s) - 20 ))
+  say "few-shot budget study on $DEVICE for at most $LIMIT s: steps $STEPS, N $SIZES, seeds $SEEDS, $JOBS at a time"
+  set +e
+  (cd "$WORK" && PYTHONPATH=${PKG_PATH:+$PKG_PATH:}$DISTILLER_SRC timeout "$LIMIT" "$PY" -m distiller_dcq.report.fewshot \
+    --distiller-src "$DISTILLER_SRC" --device "$DEVICE" --jobs "$JOBS" --networks resnet20_cifar --arms $ARMS \
+    --variants --sizes $SIZES --steps $STEPS --seeds $SEEDS --valid-size $VALID \
+    --data "resnet20_cifar=$SHARED/data/cifar10-jpeg" --teacher "resnet20_cifar=$SHARED/teachers/resnet20_cifar_fp.pth.tar" \
+    --out "$WORK/fewshot_budget") 2>&1 | tee "$WORK/logs/fewshot_budget.txt"
+  STUDY_RC=${PIPESTATUS[0]}
+  set -e
+  mkdir -p "$STUDY_OUT"
+  (cd "$WORK/fewshot_budget" && cp results.md results.csv ./*.png "$STUDY_OUT/" 2> /dev/null;
+   find runs -name 'result.json' -o -name 'recalibrated.json' -o -name '*.log' | tar -czf "$STUDY_OUT/runs.tar.gz" -T -) ||
+    true
+  say "few-shot budget study: exit $STUDY_RC ($([ "$STUDY_RC" = 124 ] && echo 'cut at the budget; ')finished runs in" \
+      "$STUDY_OUT)"
+  [ "$STUDY_RC" = 0 ] || [ "$STUDY_RC" = 124 ] || exit 1
+  exit 0
+fi
 
 # --- 4. tests -------------------------------------------------------------------------------------------------------
 TESTS="tests/test_engine_on_device.py tests/test_sections.py tests/test_losses.py tests/test_quantizers.py tests/test_rounding.py tests/test_autoload.py"
