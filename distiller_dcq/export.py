@@ -3,8 +3,8 @@
     python -m distiller_dcq.export CHECKPOINT --arch ARCH --out FILE --format packed|onnx [--force]
     python -m distiller_dcq.export CHECKPOINT --arch ARCH --out FILE --format onnx --verify DATA
 
-The checkpoint's quantizer is rebuilt (distiller_dcq's safe loader) and computes the quantized weights
-from the FP ones, as in every forward: those weights are what is shipped. ``packed``: each quantized
+The network is loaded as Distiller evaluates it (distiller_dcq's safe loader, the quantizer rebuilt):
+its saved quantized weights are what is shipped. ``packed``: each quantized
 weight tensor as indices into its few float32 values (1 bit a binary weight, 2 a ternary or 2-bit one),
 every other tensor as it is (``distiller_dcq.engine.packing`` documents the format; ``load_packed``
 rebuilds the network, its weights bit-identical). ``onnx``: a graph onnxruntime runs without Distiller
@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from .engine.packing import ClippedActivation, read_packed, write_packed
+from .engine.packing import MAX_CODE_BITS, ClippedActivation, read_packed, to_codes, write_packed
 
 EXPORTABLE_QUANTIZERS = ("DCQQuantizer", "DorefaQuantizer", "PACTQuantizer", "WRPNQuantizer")
 # what --verify accepts: top-1 within 0.05 points; logits within 1e-4 of each other, relative to the largest logit
@@ -57,10 +57,7 @@ def quantized_network(checkpoint, arch, device="cpu"):
     except (RuntimeError, ValueError, KeyError) as err:
         raise ValueError(f"checkpoint {checkpoint!r} does not load into {arch} ({type(err).__name__}: "
                          f"{str(err).splitlines()[0]}): is it a run of --arch {arch}?") from err
-    quantizer = getattr(model, RESTORED_QUANTIZER)
-    with torch.no_grad():
-        quantizer.quantize_params()  # the quantized weights of the FP ones, as every forward computes them
-    return model.eval(), quantizer
+    return model.eval(), getattr(model, RESTORED_QUANTIZER)  # the saved quantized weights: what Distiller evaluates
 
 
 def deployable(model, quantizer):
@@ -83,6 +80,15 @@ def deployable(model, quantizer):
             raise ValueError(f"layer {name!r} is a {type(module).__name__}, which the exporter does not know (it "
                              f"knows Distiller's clipped activation quantizers and quantized weights)")
     quantized = {f"{p.module_name}.{p.q_attr_name}": p.num_bits for p in quantizer.params_to_quantize}
+    for param in quantizer.params_to_quantize:
+        name, bits = f"{param.module_name}.{param.q_attr_name}", param.num_bits
+        if bits <= MAX_CODE_BITS:
+            try:
+                to_codes(getattr(param.module, param.q_attr_name), bits)
+            except ValueError as err:
+                raise ValueError(f"{name} {err}: the checkpoint was saved inside a training window (AdaRound's soft "
+                                 f"choices, a wider stage of progressive precision)? export the run's last "
+                                 f"checkpoint") from err
     weights = {}
     for name, tensor in inner.state_dict().items():
         module, _, attribute = name.rpartition(".")
@@ -109,14 +115,16 @@ def _replace(model, name, module):
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _refuse_existing(out, force):
+def _refuse_existing(out, force, checkpoint):
+    if os.path.exists(out) and os.path.samefile(out, checkpoint):
+        raise ValueError(f"--out {out!r} is the checkpoint itself: give another --out")
     if os.path.exists(out) and not force:
         raise ValueError(f"{out!r} exists: give --force to overwrite it, or another --out")
 
 
 def export_packed(checkpoint, arch, out, force=False):
     """Write ``checkpoint``'s quantized network to ``out`` in the packed format; returns its meta."""
-    _refuse_existing(out, force)
+    _refuse_existing(out, force, checkpoint)
     model, quantizer = quantized_network(checkpoint, arch)
     _, state, meta = deployable(model, quantizer)
     write_packed(out, meta, state, meta["quantized"])
@@ -137,7 +145,7 @@ def load_packed(path):
 def export_onnx(checkpoint, arch, out, force=False):
     """Write ``checkpoint``'s quantized network to ``out`` as ONNX (input ``input``, output ``logits``, any
     batch size); returns its meta."""
-    _refuse_existing(out, force)
+    _refuse_existing(out, force, checkpoint)
     model, quantizer = quantized_network(checkpoint, arch)
     plain, _, meta = deployable(model, quantizer)
     _onnx(plain, model.input_shape, out)
@@ -149,17 +157,32 @@ def _onnx(model, input_shape, out):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated; it needs no onnxscript
         torch.onnx.export(model, (example,), out, dynamo=False, opset_version=17, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                          do_constant_folding=False)  # folding would merge BatchNorm into the quantized weights
 
 
-def verify_onnx(checkpoint, arch, onnx_path, data_dir, batch_size=256, effective_test_size=1.0):
-    """Top-1 of the test set through onnxruntime and through the Distiller network of ``checkpoint``, and the
-    largest logit difference between them."""
+def test_loader(arch, data_dir, batch_size=256, effective_test_size=1.0):
+    """Distiller's test loader of ``arch``'s dataset in ``data_dir``; a ``ValueError`` naming it if it cannot be."""
+    from distiller.apputils import classification_dataset_str_from_arch, load_data
+    if not 0 < effective_test_size <= 1:
+        raise ValueError(f"--effective-test-size is a fraction of the test set in (0, 1], got {effective_test_size}")
+    if not os.path.isdir(data_dir):
+        raise ValueError(f"data directory {data_dir!r} does not exist: give the dataset directory of --arch {arch}")
+    dataset = classification_dataset_str_from_arch(arch)
+    try:
+        return load_data(dataset, arch, data_dir, batch_size, 0, effective_test_size=effective_test_size,
+                         test_only=True)[2]
+    except Exception as err:
+        raise ValueError(f"data directory {data_dir!r} holds no {dataset} test set Distiller can read "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+
+
+def verify_onnx(checkpoint, arch, onnx_path, data_dir, batch_size=256, effective_test_size=1.0, test=None):
+    """Top-1 of the test set (``test``: a loader, else ``data_dir``'s) through onnxruntime and through the
+    Distiller network of ``checkpoint``, and the largest logit difference between them."""
     import onnxruntime
-    from distiller.apputils import load_data
     model, _ = quantized_network(checkpoint, arch)
-    _, _, test, _ = load_data(model.dataset, arch, data_dir, batch_size, 0, effective_test_size=effective_test_size,
-                              test_only=True)
+    test = test or test_loader(arch, data_dir, batch_size, effective_test_size)
     session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     right = {"distiller": 0, "onnxruntime": 0}
     seen, largest, magnitude = 0, 0.0, 1.0
@@ -208,14 +231,17 @@ def main(argv=None):
     try:
         if args.verify and args.format != "onnx":
             raise ValueError("--verify compares onnxruntime with Distiller: it needs --format onnx")
+        if args.verify:
+            __import__("onnxruntime")  # before anything is written, as the test set is
+        test = test_loader(args.arch, args.verify, effective_test_size=args.effective_test_size) if args.verify \
+            else None
         export = export_onnx if args.format == "onnx" else export_packed
         meta = export(args.checkpoint, args.arch, args.out, args.force)
         result = {"out": args.out, "bytes": os.path.getsize(args.out), "checkpoint_bytes":
                   os.path.getsize(args.checkpoint), "quantized_tensors": len(meta["quantized"]),
                   "activation_quantizers": len(meta["activations"])}
         if args.verify:
-            result.update(verify_onnx(args.checkpoint, args.arch, args.out, args.verify,
-                                      effective_test_size=args.effective_test_size))
+            result.update(verify_onnx(args.checkpoint, args.arch, args.out, args.verify, test=test))
     except (ValueError, OSError) as err:
         print(f"{parser.prog}: {err}", file=sys.stderr)
         sys.exit(2)

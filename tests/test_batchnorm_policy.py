@@ -89,3 +89,19 @@ def test_the_schedule_trains_through_compress_classifier_and_must_end_within_the
                                       "--exp-load-weights-from", teacher, train_size="0.005", data_dir=cifar,
                                       arch="resnet20_cifar")
     assert rc != 0 and "the network would be tested before its window ends; train for 2 epochs" in log
+
+
+def test_beside_dcqs_own_re_estimation_the_schedules_last_step_wins(tmp_path, monkeypatch):
+    """Found by review: SectionalKDPolicy's recalibrate_bn at the merge and this policy nested (one's forward fired
+    the other's pending hook) and mixed their batches. Now DCQ's runs, then this one on the last epoch's batches."""
+    text = SCHEDULE.read_text().replace("ending_epoch: 10\n", "ending_epoch: 2\n").replace(
+        "starting_epoch: 9\n", "starting_epoch: 1\n").replace("    mode: mixed\n", "    mode: mixed\n    recalibrate_bn: 2\n")
+    model, optimizer, scheduler = build(None, arch="resnet20_cifar", text=text, tmp_path=tmp_path)
+    train_epochs(model, optimizer, scheduler, range(2), monkeypatch, batches=3)
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(2, 3, 32, 32))  # DCQ's re-estimation, then ours
+        model(torch.zeros(2, 3, 32, 32))
+        features = model.conv1(last_epoch_images())
+    assert int(model.bn1.num_batches_tracked) == 3
+    assert torch.allclose(model.bn1.running_mean, features.mean((0, 2, 3)), atol=1e-5)

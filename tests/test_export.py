@@ -24,13 +24,15 @@ FAMILIES = {  # schedule -> epochs to train (a window must end within them)
     "simplenet_mnist_dcq_binary.yaml": 1, "simplenet_mnist_dcq_binary_unscaled.yaml": 1,
     "simplenet_mnist_dcq_ternary.yaml": 1, "simplenet_mnist_dorefa_binary.yaml": 1,
     "simplenet_mnist_dorefa_w2a2.yaml": 1, "simplenet_mnist_dcq_w2a2.yaml": 1,
-    "simplenet_mnist_stochastic_binary.yaml": 1, "simplenet_mnist_progressive_w2a2.yaml": 1,
+    "simplenet_mnist_stochastic_binary.yaml": 1, "simplenet_mnist_progressive_w2a2.yaml": 6,
     "simplenet_mnist_dcq_binary_adaround_labelfree.yaml": 2,
 }
 
 
-def trained_checkpoint(tmp_path, monkeypatch, schedule, arch="simplenet_mnist", teacher=LENET_TEACHER, text=None):
-    """A checkpoint of ``schedule`` after a few minibatches of Distiller's own loop, from the FP teacher."""
+def trained_checkpoint(tmp_path, monkeypatch, schedule, arch="simplenet_mnist", teacher=LENET_TEACHER, text=None,
+                       epochs=None, validate=False):
+    """A checkpoint of ``schedule`` after a few minibatches of Distiller's own loop, from the FP teacher;
+    ``validate``: an evaluation-mode forward after each epoch, as compress_classifier validates before saving."""
     if not teacher.exists():
         unavailable(f"{teacher} is missing")
     model = create_model(False, "mnist" if arch == "simplenet_mnist" else "cifar10", arch, parallel=False,
@@ -42,7 +44,12 @@ def trained_checkpoint(tmp_path, monkeypatch, schedule, arch="simplenet_mnist", 
         path = tmp_path / schedule
         path.write_text(text)
     scheduler = distiller.file_config(model, optimizer, str(path))
-    train_epochs(model, optimizer, scheduler, range(FAMILIES.get(schedule, 1)), monkeypatch, batches=2)
+    def validation(epoch, when):
+        if validate and when == "end":
+            with torch.no_grad():
+                model.eval()(torch.randn(4, *model.input_shape[1:]))
+    train_epochs(model, optimizer, scheduler, range(epochs or FAMILIES.get(schedule, 1)), monkeypatch, batches=2,
+                 on_epoch=validation)
     apputils.save_checkpoint(0, arch, model, optimizer=optimizer, scheduler=scheduler, dir=str(tmp_path), name="run")
     return tmp_path / "run_checkpoint.pth.tar"
 
@@ -95,9 +102,50 @@ def test_a_resnet_with_batchnorm_ships_both_ways(tmp_path, monkeypatch):
     assert len(meta["quantized"]) == 22 and all(torch.equal(v, rebuilt.state_dict()[k]) for k, v in state.items())
     assert (tmp_path / "net.dcqpack").stat().st_size < checkpoint.stat().st_size / 12
     export.export_onnx(str(checkpoint), "resnet20_cifar", str(tmp_path / "net.onnx"))
+    import onnx
+    from onnx import numpy_helper
+    graph = onnx.load(str(tmp_path / "net.onnx")).graph
+    assert sum(node.op_type == "BatchNormalization" for node in graph.node) == 21  # not folded into the weights
+    initializers = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
+    assert torch.equal(initializers["conv1.weight"], state["conv1.weight"])  # exactly the quantized weights
+    assert initializers["layer2.0.conv1.weight"].unique().numel() == 2
     agreement = export.verify_onnx(str(checkpoint), "resnet20_cifar", str(tmp_path / "net.onnx"), str(CIFAR),
                                    effective_test_size=0.02)
     assert agreement["images"] == 200 and agreement["agree"], agreement
+
+
+def test_a_checkpoint_saved_inside_a_window_ships_what_distiller_evaluates_or_is_refused(tmp_path, monkeypatch):
+    """Found by review: re-quantizing the FP weights shipped another network than the checkpoint's. Inside
+    AdaRound's window compress_classifier saves after validation, which puts the hard choices in place: those
+    are shipped. A progressive-precision run saved in its 8-bit stage has no 2-bit weights to ship: refused."""
+    schedule = "simplenet_mnist_dcq_binary_adaround_labelfree.yaml"
+    checkpoint = trained_checkpoint(tmp_path, monkeypatch, schedule, text=adaround_in_two_epochs(schedule), epochs=1,
+                                    validate=True)
+    distillers, _ = export.quantized_network(str(checkpoint), "simplenet_mnist")
+    export.export_packed(str(checkpoint), "simplenet_mnist", str(tmp_path / "net.dcqpack"))
+    rebuilt, images = export.load_packed(str(tmp_path / "net.dcqpack")), torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(distillers(images), rebuilt(images))
+    (tmp_path / "p").mkdir()
+    checkpoint = trained_checkpoint(tmp_path / "p", monkeypatch, "simplenet_mnist_progressive_w2a2.yaml", epochs=1)
+    with pytest.raises(ValueError, match=r"conv1.weight holds \d+ distinct values .*: not 2-bit weights: the "
+                                         r"checkpoint was saved inside a training window"):
+        export.export_packed(str(checkpoint), "simplenet_mnist", str(tmp_path / "net2.dcqpack"))
+    assert not (tmp_path / "net2.dcqpack").exists()
+
+
+def test_tensors_wider_than_8_bits_are_stored_as_they_are(tmp_path, monkeypatch):
+    """Found by review: a 32-bit DoReFa bias went through 8-bit codes and came back wrong."""
+    text = (SCHEDULES / "simplenet_mnist_dorefa_binary.yaml").read_text().replace(
+        "bits_bias: null\n", "bits_bias: 32\n")
+    assert "bits_bias: 32" in text
+    checkpoint = trained_checkpoint(tmp_path, monkeypatch, "dorefa_bias32.yaml", text=text)
+    model, quantizer = export.quantized_network(str(checkpoint), "simplenet_mnist")
+    _, state, meta = export.deployable(model, quantizer)
+    assert meta["quantized"]["fc1.bias"] == 32
+    export.export_packed(str(checkpoint), "simplenet_mnist", str(tmp_path / "net.dcqpack"))
+    rebuilt = export.load_packed(str(tmp_path / "net.dcqpack"))
+    assert all(torch.equal(tensor, rebuilt.state_dict()[name]) for name, tensor in state.items())
 
 
 def run_export(*args):
@@ -146,6 +194,7 @@ def _nan_checkpoint(tmp_path, monkeypatch):
     ("nan", "fc2.bias hold NaN or infinite values: the run diverged"),
     ("verify-packed", "--verify compares onnxruntime with Distiller: it needs --format onnx"),
     ("missing", "does not exist or is not a file"),
+    ("verify-nowhere", "data directory '/nowhere' does not exist: give the dataset directory of --arch"),
 ])
 def test_what_cannot_be_exported_is_one_line_naming_the_fix(tmp_path, monkeypatch, case, message):
     checkpoint, arch, extra = LENET_TEACHER, "simplenet_mnist", []
@@ -159,7 +208,12 @@ def test_what_cannot_be_exported_is_one_line_naming_the_fix(tmp_path, monkeypatc
         extra = ["--verify", MNIST_DIR]
     elif case == "missing":
         checkpoint = tmp_path / "nowhere.pth.tar"
-    rc, _, stderr = run_export(checkpoint, "--arch", arch, "--out", tmp_path / "out", "--format", "packed", *extra)
+    elif case == "verify-nowhere":
+        pytest.importorskip("onnxruntime", reason="pip install \".[export]\"")
+        checkpoint = trained_checkpoint(tmp_path, monkeypatch, "simplenet_mnist_dcq_binary.yaml")
+        extra = ["--verify", "/nowhere"]
+    fmt = "onnx" if case == "verify-nowhere" else "packed"
+    rc, _, stderr = run_export(checkpoint, "--arch", arch, "--out", tmp_path / "out", "--format", fmt, *extra)
     assert rc == 2 and stderr.count("\n") == 1 and message in stderr, stderr
     assert not (tmp_path / "out").exists()
 

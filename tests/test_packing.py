@@ -39,3 +39,36 @@ def test_the_activation_module_is_distillers_clipped_linear_quantization():
     x = torch.linspace(-1, 2, 1001)
     q = ClippedActivation(clip_val=1.0, scale=3.0, zero_point=0.0)(x)
     assert torch.equal(q, torch.round(3 * x.clamp(0, 1)) / 3)
+
+
+def _packed(tmp_path):
+    state = {"w": torch.tensor([[0.5, -0.5], [-0.5, 0.5]]), "b": torch.randn(3)}
+    write_packed(tmp_path / "f.dcqpack", {"arch": "x"}, state, {"w": 1})
+    return (tmp_path / "f.dcqpack").read_bytes()
+
+
+def _with_header(data, change):
+    import json
+    length = int.from_bytes(data[8:12], "little")
+    header = json.loads(data[12:12 + length])
+    change(header)
+    text = json.dumps(header).encode()
+    return data[:8] + len(text).to_bytes(4, "little") + text + data[12 + length:]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: d[:-4], "tensors end at byte|bytes .* are not the next ones"),
+    (lambda d: d + b"\0" * 8, r"its tensors end at byte (\d+) of a \d+-byte payload"),
+    (lambda d: _with_header(d, lambda h: h["tensors"][1].update(shape=[2 ** 31, 2 ** 31])), "values"),
+    (lambda d: _with_header(d, lambda h: h["tensors"][0].update(shape=[2 ** 20, 2 ** 20])), "do not make"),
+    (lambda d: _with_header(d, lambda h: h["tensors"][0].update(bits=40)), "are not one it writes"),
+    (lambda d: _with_header(d, lambda h: h["tensors"][1].update(dtype="load")), "is not one it writes"),
+    (lambda d: _with_header(d, lambda h: h["tensors"][1].update(offset=-3)), "are not the next ones"),
+    (lambda d: _with_header(d, lambda h: h.update(format=2)), "not format 1"),
+    (lambda d: _with_header(d, lambda h: h.pop("tensors")), "not format 1"),
+], ids=["truncated", "appended", "huge-raw", "huge-codes", "bits", "dtype", "offset", "format", "no-tensors"])
+def test_a_damaged_or_crafted_file_is_refused_before_anything_is_allocated(tmp_path, damage, message):
+    """Found by review: a truncated download loaded as zeros; a 158-byte file asked for 16 GiB."""
+    (tmp_path / "bad.dcqpack").write_bytes(damage(_packed(tmp_path)))
+    with pytest.raises(ValueError, match=message):
+        read_packed(tmp_path / "bad.dcqpack")

@@ -441,3 +441,19 @@ def test_device_cuda_without_a_gpu_is_refused_before_anything_runs(tmp_path, too
     assert done.returncode == 2, done.stderr
     assert "--device cuda, but torch sees no GPU (torch.cuda.is_available() is False)" in done.stderr
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_a_finished_run_is_reused_whatever_its_loader_processes_and_a_run_is_never_planned_twice(tmp_path,
+                                                                                                 distiller_src):
+    from distiller_dcq.report import fewshot
+    from distiller_dcq.report.runs import same_run
+    cmd = ["python", "cc.py", "--arch", "resnet20_cifar", "DATA", "-j", "7", "-b", "64", "--seed", "0"]
+    assert same_run(cmd, [c if c != "7" else "0" for c in cmd])  # -j: loader processes only
+    assert not same_run(cmd, [c if c != "64" else "128" for c in cmd])
+    assert not same_run(cmd, ["--cpu"] + cmd)
+    for option in (["--sizes", "60", "60"], ["--steps", "600", "600"], ["--seeds", "0", "0"]):
+        with pytest.raises(SystemExit) as stopped:
+            fewshot.main(["--distiller-src", str(distiller_src), "--networks", "simplenet_mnist", "--out",
+                          str(tmp_path / "out"), *option])
+        assert stopped.value.code == 2
+    assert not (tmp_path / "out" / "runs").exists()

@@ -4,7 +4,7 @@ import logging
 
 from distiller.policy import ScheduledTrainingPolicy
 
-from ..engine.sections import recalibrate_batchnorm
+from ..engine.sections import is_recalibrating, recalibrate_batchnorm
 
 msglogger = logging.getLogger()
 
@@ -56,6 +56,8 @@ class BatchNormRecalibrationPolicy(ScheduledTrainingPolicy):
         self._hooks = [model.register_forward_pre_hook(lambda module, inputs: self._recalibrate(module))]
 
     def _recalibrate(self, model):
+        if is_recalibrating(model):  # another policy's re-estimation (DCQ's recalibrate_bn): ours comes after it
+            return
         for hook in self._hooks:
             hook.remove()
         batches, self._kept, self._hooks = list(self._kept), None, []

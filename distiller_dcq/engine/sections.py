@@ -274,6 +274,14 @@ def _check_nothing_bypasses(model, boundaries, example_input):
                              f"cut at the end of the block instead")
 
 
+_RECALIBRATING = weakref.WeakSet()  # the models whose statistics recalibrate_batchnorm is re-estimating
+
+
+def is_recalibrating(model):
+    """Whether ``recalibrate_batchnorm`` is running on ``model`` (its forwards are the re-estimation's own)."""
+    return model in _RECALIBRATING
+
+
 def recalibrate_batchnorm(model, batches):
     """Re-estimate the running statistics of every BatchNorm in ``model`` as the average over
     ``batches`` (tuples of forward inputs, moved to the model's device) of what its training-mode
@@ -282,6 +290,7 @@ def recalibrate_batchnorm(model, batches):
     back)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     modes, momenta = {m: m.training for m in model.modules()}, {m: m.momentum for m in norms}
+    _RECALIBRATING.add(model)
     try:
         model.eval()
         for m in norms:
@@ -293,6 +302,7 @@ def recalibrate_batchnorm(model, batches):
             for inputs in batches:
                 model(*(i.to(device) for i in inputs))
     finally:
+        _RECALIBRATING.discard(model)
         for m, training in modes.items():
             m.training = training
         for m, momentum in momenta.items():

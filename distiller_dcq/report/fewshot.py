@@ -30,7 +30,7 @@ from pathlib import Path
 from ..subsets import write_subset_dir
 from .reproduce import NETWORKS, _resolve, resolve_common_args
 from .runs import (add_device_options, device_description, device_options, exit_if_any_failed, portable_paths,
-                   run_compress_classifier, with_pythonpath)
+                   run_compress_classifier, same_run, with_pythonpath)
 
 # network -> the study's sizes (None: the full training part), epochs, images per epoch, batch size,
 # training-part size, the sizes at which each variant runs, whether it has BatchNorm (then every run is
@@ -185,7 +185,7 @@ def kept_recalibration(args, run, cmd):
     if not (path.exists() and path.stat().st_mtime >= run_path.stat().st_mtime):
         return None
     kept = json.loads(path.read_text())
-    return kept if kept["cmd"] == cmd else None
+    return kept if same_run(kept["cmd"], cmd) else None
 
 
 def recalibrated(args, run, result, env, say, run_now=True):
@@ -212,7 +212,7 @@ def finished_result(args, run, cmd):
     """The result a finished run of exactly ``cmd`` left in ``--out``, else None."""
     path = args.out / "runs" / run.name / "result.json"
     result = json.loads(path.read_text()) if path.exists() else None
-    return result if result and result["cmd"] == [str(c) for c in cmd] else None
+    return result if result and same_run(result["cmd"], cmd) else None
 
 
 def _outcomes(runs, results, recalibrated=False):
@@ -389,7 +389,9 @@ def main(argv=None):
     parser.add_argument("--steps", nargs="+", type=int,
                         help="budgets: optimizer steps per run (default: the study's, 300 on LeNet, 320 on ResNet-20); "
                              "a schedule keeps its epochs, each epoch budget x batch / epochs images, so its stages "
-                             "(section stage, AdaRound window) scale with the budget")
+                             "(section stage, AdaRound window) scale with the budget. Every arm at an N takes the same "
+                             "steps; exactly the budget when N x round(images / N) fills whole batches, more when N "
+                             "is above an epoch's images (one pass an epoch): the tables say the steps taken")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--many-seeds-up-to", type=int, default=2048,
                         help="sizes above this get the first seed only (default 2048)")
@@ -415,6 +417,9 @@ def main(argv=None):
                          f"number of steps >= {epochs} whose images (steps x {batch}) split into {epochs} equal epochs")
     if any(n < 0 for n in args.sizes or []):
         parser.error("--sizes are numbers of training images (0: the full training part)")
+    for option, values in (("--sizes", args.sizes), ("--steps", args.steps), ("--seeds", args.seeds)):
+        if values and len(set(values)) < len(values):
+            parser.error(f"{option} names a value twice ({' '.join(map(str, values))}): each run would be planned twice")
     runs = plan(args)
     env = {**with_pythonpath(args.distiller_src), "OMP_NUM_THREADS": "1"}
     results, lock, started = {}, threading.Lock(), time.time()

@@ -63,6 +63,16 @@ def resolve_device(requested, workers, jobs=1, gpu_available=None):
     return device, workers
 
 
+def same_run(cmd, other):
+    """Whether two commands run the same training: equal but for ``-j``/``--workers`` (loader processes, which
+    the defaults tie to --jobs and the machine's CPUs), so that a study resumed another way reuses its runs."""
+    def without_workers(c):
+        c = [str(part) for part in c]
+        return [part for i, part in enumerate(c) if part not in ("-j", "--workers")
+                and (i == 0 or c[i - 1] not in ("-j", "--workers"))]
+    return without_workers(cmd) == without_workers(other)
+
+
 def device_options(device, workers):
     """compress_classifier.py's options to run on ``device`` (its default is every GPU it sees)."""
     return (["--cpu"] if device == "cpu" else []) + ["-j", str(workers)]
@@ -134,7 +144,7 @@ def run_compress_classifier(cmd, out_dir, name, rerun=False, log=print, env=None
     cached = out_dir / "result.json"
     if cached.exists() and not rerun:
         result = json.loads(cached.read_text())
-        if result["cmd"] == cmd:
+        if same_run(result["cmd"], cmd):
             log(f"[{time.strftime('%H:%M:%S')}] {name}: finished earlier, reusing {cached}")
             return result
     start = time.time()
