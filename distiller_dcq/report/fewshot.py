@@ -39,7 +39,8 @@ STUDY = {
     "simplenet_mnist": dict(sizes=(60, 300, 1000, None), epochs=6, images_per_epoch=6400, batch=128, train_part=54000,
                             variants={"a2": (1000,)}, batchnorm=False,
                             # LeNet's 4 sections are its 4 layers; it has no BatchNorm to re-estimate
-                            arm_sizes={"dcq_blocks_mixed_labelfree": (), "dcq_adaround_whole_labelfree": ()}),
+                            arm_sizes={"dcq_blocks_mixed_labelfree": (), "dcq_adaround_whole_labelfree": (),
+                                       "dcq_adaround_lowlr_labelfree": ()}),
     "resnet20_cifar": dict(sizes=(512, 2048, 8192, None), epochs=10, images_per_epoch=2048, batch=64, train_part=45000,
                            variants={"ternary": (512,)}, batchnorm=True,
                            arm_sizes={"dcq_blocks_mixed_labelfree": (512, 2048)}),
@@ -61,6 +62,8 @@ ARMS = {
     "dcq_adaround_whole_labelfree": ("dcq_binary_adaround_whole_labelfree", "as dcq_adaround_labelfree, the section "
                                      "stage the whole run (no logits-KD phase), BatchNorm re-estimated at its end",
                                      False),
+    "dcq_adaround_lowlr_labelfree": ("dcq_binary_adaround_lowlr_labelfree", "as dcq_adaround_labelfree, the logits-KD "
+                                     "phase at a tenth of the rate (0.001)", False),
 }
 # variant of the binary-weight, FP-activation study -> (its schedule suffix made from an arm's, what it is);
 # a variant runs the arms VARIANT_ARMS at the sizes STUDY gives it
