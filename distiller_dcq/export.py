@@ -33,13 +33,9 @@ MAX_LOGIT_DIFFERENCE, MAX_TOP1_DIFFERENCE = 1e-4, 0.05
 def quantized_network(checkpoint, arch, device="cpu"):
     """(network, quantizer) of a quantized Distiller checkpoint of ``arch``: refused (``ValueError``) when it
     has no quantizer, one the exporter does not know, or is of another arch."""
-    from distiller.apputils import classification_dataset_str_from_arch, load_lean_checkpoint
-    from distiller.models import create_model
-    from .adapter.checkpoints import load_distiller_checkpoint
+    from .adapter.checkpoints import network_of_checkpoint, read_checkpoint
     from .adapter.compat import RESTORED_QUANTIZER
-    saved = load_distiller_checkpoint(checkpoint)
-    if not isinstance(saved, dict) or not isinstance(saved.get("state_dict"), dict):
-        raise ValueError(f"checkpoint {checkpoint!r} holds no state_dict of weights: is it a Distiller checkpoint?")
+    saved = read_checkpoint(checkpoint)
     if saved.get("arch") not in (None, arch):
         raise ValueError(f"checkpoint {checkpoint!r} is a {saved['arch']}, not --arch {arch}: give its own arch")
     metadata = saved.get("quantizer_metadata")
@@ -50,13 +46,7 @@ def quantized_network(checkpoint, arch, device="cpu"):
     if kind not in EXPORTABLE_QUANTIZERS:
         raise ValueError(f"checkpoint {checkpoint!r} was quantized by {kind}; the exporter knows "
                          f"{', '.join(EXPORTABLE_QUANTIZERS)}")
-    model = create_model(False, classification_dataset_str_from_arch(arch), arch, parallel=False,
-                         device_ids=-1 if device == "cpu" else None)
-    try:
-        model = load_lean_checkpoint(model, checkpoint, model_device=device)
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise ValueError(f"checkpoint {checkpoint!r} does not load into {arch} ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0]}): is it a run of --arch {arch}?") from err
+    model = network_of_checkpoint(checkpoint, arch, device)
     return model.eval(), getattr(model, RESTORED_QUANTIZER)  # the saved quantized weights: what Distiller evaluates
 
 

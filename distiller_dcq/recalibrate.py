@@ -26,21 +26,12 @@ from .report.runs import add_device_options, resolve_device
 
 
 def load_quantized(arch, checkpoint, device):
-    """The network of a Distiller checkpoint, its quantizer rebuilt (safely: distiller_dcq's loader);
+    """(network, dataset) of a Distiller checkpoint, its quantizer rebuilt (safely: distiller_dcq's loader);
     a checkpoint that is missing, refused or not of ``arch`` is a ``ValueError`` naming it."""
-    from distiller.apputils import classification_dataset_str_from_arch, load_lean_checkpoint
-    from distiller.models import create_model
-    from .adapter.checkpoints import load_distiller_checkpoint
-    loaded = load_distiller_checkpoint(checkpoint)  # its own clear errors, before Distiller's
-    if not (isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict)):
-        raise ValueError(f"checkpoint {checkpoint!r} holds no state_dict of weights: is it a Distiller checkpoint?")
-    dataset = classification_dataset_str_from_arch(arch)
-    model = create_model(False, dataset, arch, parallel=False, device_ids=-1 if device == "cpu" else None)
-    try:
-        return load_lean_checkpoint(model, checkpoint, model_device=device), dataset
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise ValueError(f"checkpoint {checkpoint!r} does not load into {arch} ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0]}): is it a run of --arch {arch}?") from err
+    from .adapter.checkpoints import network_of_checkpoint, read_checkpoint
+    read_checkpoint(checkpoint)  # its own clear errors, before Distiller's
+    model = network_of_checkpoint(checkpoint, arch, device)
+    return model, model.dataset
 
 
 def run_loaders(arch, dataset, data_dir, seed, validation_split, effective_valid_size, batch_size,

@@ -16,6 +16,7 @@ from distiller import apputils  # noqa: E402
 from distiller.models import create_model  # noqa: E402
 
 from distiller_dcq import export  # noqa: E402
+from distiller_dcq.adapter.checkpoints import load_distiller_checkpoint  # noqa: E402
 
 SCHEDULES = ROOT / "schedules"
 RESNET_TEACHER = SHARED / "teachers" / "resnet20_cifar_fp.pth.tar"
@@ -181,7 +182,7 @@ def _qat_checkpoint(tmp_path):
 
 def _nan_checkpoint(tmp_path, monkeypatch):
     checkpoint = trained_checkpoint(tmp_path, monkeypatch, "simplenet_mnist_dcq_binary.yaml")
-    saved = torch.load(checkpoint, weights_only=False)
+    saved = load_distiller_checkpoint(str(checkpoint))  # the allow-list: class references come back as classes
     saved["state_dict"]["fc2.bias"][3] = float("nan")
     torch.save(saved, checkpoint)
     return checkpoint

@@ -4,7 +4,7 @@ import logging
 
 from distiller.policy import ScheduledTrainingPolicy
 
-from ..engine.sections import is_recalibrating, recalibrate_batchnorm
+from ..engine.sections import PendingRecalibration
 
 msglogger = logging.getLogger()
 
@@ -33,34 +33,26 @@ class BatchNormRecalibrationPolicy(ScheduledTrainingPolicy):
             raise ValueError(f"BatchNorm recalibration policy {name!r}: batches is a number of training batches "
                              f"(0: the window's whole last epoch), got {batches!r}")
         self.name, self.batches = name, batches
-        self._kept, self._hooks = None, []
+        self._kept, self._keeping, self._pending = None, None, None
 
     def on_epoch_begin(self, model, zeros_mask_dict, meta, **kwargs):
         if meta.get("frequency") != 1:
             raise ValueError(f"BatchNorm recalibration policy {self.name!r} needs one contiguous window: schedule it "
                              f"with starting_epoch, ending_epoch and frequency: 1")
-        if meta["current_epoch"] != meta["ending_epoch"] - 1 or self._kept is not None:
+        if meta["current_epoch"] != meta["ending_epoch"] - 1 or self._keeping is not None or self._pending is not None:
             return
         self._kept = collections.deque(maxlen=self.batches or None)
-        self._hooks.append(model.register_forward_pre_hook(self._keep))
+        self._keeping = model.register_forward_pre_hook(self._keep)
 
     def _keep(self, model, inputs):
         if model.training:
             self._kept.append(tuple(i.detach().to("cpu", copy=True) for i in inputs))
 
     def on_minibatch_end(self, model, epoch, minibatch_id, minibatches_per_epoch, zeros_mask_dict, optimizer):
-        if self._kept is None or minibatch_id != minibatches_per_epoch - 1:
+        if self._keeping is None or minibatch_id != minibatches_per_epoch - 1:
             return
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = [model.register_forward_pre_hook(lambda module, inputs: self._recalibrate(module))]
-
-    def _recalibrate(self, model):
-        if is_recalibrating(model):  # another policy's re-estimation (DCQ's recalibrate_bn): ours comes after it
-            return
-        for hook in self._hooks:
-            hook.remove()
-        batches, self._kept, self._hooks = list(self._kept), None, []
-        recalibrate_batchnorm(model, batches)
-        msglogger.info("%s: re-estimated the BatchNorm statistics on the last %d training batches (%d images)",
-                       self.name, len(batches), sum(len(inputs[0]) for inputs in batches))
+        self._keeping.remove()
+        self._keeping = None
+        batches, self._kept = list(self._kept), None
+        self._pending = PendingRecalibration(model, batches, lambda count: msglogger.info(
+            "%s: re-estimated the BatchNorm statistics on the last %d training batches", self.name, count))

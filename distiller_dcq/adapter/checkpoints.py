@@ -234,6 +234,28 @@ def load_distiller_checkpoint(path, map_location="cpu"):
                          f"accepted: is it a Distiller checkpoint?") from err
 
 
+def read_checkpoint(path):
+    """``load_distiller_checkpoint(path)``, refused (``ValueError``) unless it holds a state_dict of weights."""
+    saved = load_distiller_checkpoint(path)
+    if not (isinstance(saved, dict) and isinstance(saved.get("state_dict"), dict)):
+        raise ValueError(f"checkpoint {path!r} holds no state_dict of weights: is it a Distiller checkpoint?")
+    return saved
+
+
+def network_of_checkpoint(path, arch, device="cpu"):
+    """Distiller's ``arch`` with the checkpoint loaded as Distiller evaluates it (its quantizer rebuilt, the
+    saved quantized weights); a checkpoint that does not fit ``arch`` is a ``ValueError`` naming it."""
+    from distiller.apputils import classification_dataset_str_from_arch, load_lean_checkpoint
+    from distiller.models import create_model
+    model = create_model(False, classification_dataset_str_from_arch(arch), arch, parallel=False,
+                         device_ids=-1 if device == "cpu" else None)
+    try:
+        return load_lean_checkpoint(model, path, model_device=device)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ValueError(f"checkpoint {path!r} does not load into {arch} ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0]}): is it a run of --arch {arch}?") from err
+
+
 # param_group keys that pick a step kernel: a fused, capturable or differentiable step trusts the state's tensors
 KERNEL_KEYS = ("fused", "capturable", "differentiable")
 # param_group keys torch writes beside an optimizer's own: its LR schedulers' (SWALR's too), named parameters'

@@ -9,7 +9,7 @@ from distiller.policy import LossComponent, PolicyLoss, ScheduledTrainingPolicy
 from distiller.quantization.clipped_linear import ClippedLinearQuantization
 from distiller.quantization.quantizer import FP_BKP_PREFIX
 
-from ..engine.sections import SectionWiring, recalibrate_batchnorm
+from ..engine.sections import PendingRecalibration, SectionWiring
 from .checkpoints import fit_dataparallel_names, load_distiller_checkpoint
 from .compat import RESUMED_POLICY_STATES, reweighted_criterion
 
@@ -134,22 +134,15 @@ class SectionalKDPolicy(ScheduledTrainingPolicy):
             batches = list(self.wiring.recent_inputs)
             self.wiring.merge()
             # policies after this one (the quantizer's re-quantization) still have to finish this step
-            handle = model.register_forward_pre_hook(lambda module, inputs: self._recalibrate())
-            self._pending_recalibration = model, batches, handle
-
-    def _recalibrate(self):
-        model, batches, handle = self._pending_recalibration
-        handle.remove()
-        self._pending_recalibration = None
-        recalibrate_batchnorm(model, batches)
-        msglogger.info("DCQ %s: re-estimated the stitched network's BatchNorm statistics on the last %d "
-                       "training batches", self.name, len(batches))
+            self._pending_recalibration = PendingRecalibration(model, batches, lambda count: msglogger.info(
+                "DCQ %s: re-estimated the stitched network's BatchNorm statistics on the last %d training batches",
+                self.name, count))
 
     def on_epoch_end(self, model, zeros_mask_dict, meta, **kwargs):
         if meta["current_epoch"] != meta["ending_epoch"] - 1:
             return
-        if self._pending_recalibration is not None:  # no validation ran since the last step
-            self._recalibrate()
+        if self._pending_recalibration is not None:  # when no validation ran since the last step
+            self._pending_recalibration.run()
         self.wiring.merge()
         top1 = kwargs.get("metrics", {}).get("max")
         msglogger.info("DCQ %s: merged the %d sections into one network; stitched network validation Top1: %s",

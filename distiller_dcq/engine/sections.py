@@ -309,6 +309,30 @@ def recalibrate_batchnorm(model, batches):
             m.momentum = momentum
 
 
+class PendingRecalibration:
+    """``recalibrate_batchnorm(model, batches)`` right before ``model``'s next forward pass (a training loop's
+    policies have then all finished the current step: the last validation sees the new statistics), or at
+    ``run()`` if that comes first; never twice. A forward that is another re-estimation's own waits, so two
+    of them do not mix their batches (the one started last wins). ``done(batch_count)`` is called after."""
+
+    def __init__(self, model, batches, done=None):
+        self.model, self.batches, self.done = model, batches, done
+        self._handle = model.register_forward_pre_hook(self._before_forward)
+
+    def _before_forward(self, module, inputs):
+        if not is_recalibrating(self.model):
+            self.run()
+
+    def run(self):
+        if self._handle is None:
+            return
+        self._handle.remove()
+        self._handle = None
+        recalibrate_batchnorm(self.model, self.batches)
+        if self.done is not None:
+            self.done(len(self.batches))
+
+
 class SectionWiring:
     """DCQ's sectional training of ``student`` against a frozen ``teacher`` of the same architecture.
 
