@@ -70,8 +70,9 @@ def policy_of(scheduler, cls):
     return next(p for p in scheduler.sched_metadata if isinstance(p, cls))
 
 
-def train_epochs(model, optimizer, scheduler, epochs, monkeypatch, batches=2, seed=0, on_epoch=None):
-    """Distiller's own training loop (image_classifier.train) on random images, ``batches`` per epoch."""
+def train_epochs(model, optimizer, scheduler, epochs, monkeypatch, batches=2, seed=0, on_epoch=None, validate=None):
+    """Distiller's own training loop (image_classifier.train) on random images, ``batches`` per epoch;
+    ``validate(epoch)`` between an epoch's training and its ``on_epoch_end``, where compress_classifier validates."""
     monkeypatch.syspath_prepend(str(compress_classifier_script().parent))  # image_classifier imports its parser.py
     import distiller.apputils.image_classifier as classifier
     from distiller.data_loggers import NullLogger
@@ -88,6 +89,8 @@ def train_epochs(model, optimizer, scheduler, epochs, monkeypatch, batches=2, se
         loader = torch.utils.data.DataLoader(data, batch_size=4)
         top1, _, loss = classifier.train(loader, model, torch.nn.CrossEntropyLoss(), optimizer, epoch, scheduler,
                                          [NullLogger()], args)
+        if validate:
+            validate(epoch)
         scheduler.on_epoch_end(epoch, optimizer, metrics={"min": loss.mean, "max": top1})
         if on_epoch:
             on_epoch(epoch, "end")

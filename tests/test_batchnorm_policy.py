@@ -32,11 +32,14 @@ def last_epoch_images(batches=3, seed=0):
 def test_the_statistics_are_re_estimated_once_on_the_last_epochs_images_before_the_next_forward(tmp_path,
                                                                                                  monkeypatch, kept):
     model, optimizer, scheduler = two_epoch_run(tmp_path, kept)
-    train_epochs(model, optimizer, scheduler, range(2), monkeypatch, batches=3)
-    stale = model.bn1.running_mean.clone()
-    model.eval()
-    with torch.no_grad():
-        model(torch.zeros(2, 3, 32, 32))  # what validation does first: re-estimates before this forward
+    stale = []
+
+    def validate(epoch):  # where compress_classifier validates: its first forward re-estimates
+        stale.append(model.bn1.running_mean.clone())
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, 3, 32, 32))
+    train_epochs(model, optimizer, scheduler, range(2), monkeypatch, batches=3, validate=validate)
+    stale = stale[-1]
     images = last_epoch_images()[-4 * (kept or 3):]
     with torch.no_grad():
         features = model.conv1(images)  # the first BatchNorm's input, with the final binary weights
@@ -48,6 +51,16 @@ def test_the_statistics_are_re_estimated_once_on_the_last_epochs_images_before_t
         model(torch.randn(2, 3, 32, 32))  # once only: later forwards leave everything as it is
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.items())
     assert not model.training
+
+
+def test_without_a_validation_the_statistics_are_re_estimated_at_the_windows_end(tmp_path, monkeypatch):
+    """A run without validation (--vs 0) saves its checkpoint after on_epoch_end: the re-estimation happens there."""
+    model, optimizer, scheduler = two_epoch_run(tmp_path)
+    train_epochs(model, optimizer, scheduler, range(2), monkeypatch, batches=3)
+    with torch.no_grad():
+        features = model.conv1(last_epoch_images())
+    assert int(model.bn1.num_batches_tracked) == 3
+    assert torch.allclose(model.bn1.running_mean, features.mean((0, 2, 3)), atol=1e-5)
 
 
 @pytest.mark.parametrize("text, message", [

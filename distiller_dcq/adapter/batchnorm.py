@@ -56,3 +56,7 @@ class BatchNormRecalibrationPolicy(ScheduledTrainingPolicy):
         batches, self._kept = list(self._kept), None
         self._pending = PendingRecalibration(model, batches, lambda count: msglogger.info(
             "%s: re-estimated the BatchNorm statistics on the last %d training batches", self.name, count))
+
+    def on_epoch_end(self, model, zeros_mask_dict, meta, **kwargs):
+        if self._pending is not None:  # when no validation ran since the last step (--vs 0): before the checkpoint
+            self._pending.run()
