@@ -51,9 +51,10 @@ def quantized_network(checkpoint, arch, device="cpu"):
 
 
 def deployable(model, quantizer):
-    """(plain network, bits of each quantized tensor, activation quantizers): ``model``'s architecture with
-    ordinary parameters holding the quantized weights, and ``ClippedActivation`` in place of Distiller's
-    activation quantizers. Unknown quantization modules and non-finite values are refused."""
+    """(plain network, its state dict, meta): ``model``'s architecture with ordinary parameters holding the
+    quantized weights and ``ClippedActivation`` in place of Distiller's activation quantizers; meta names
+    the arch, the quantizer, each quantized tensor's bits and the activation quantizers. Unknown
+    quantization modules, weights with more values than their bits allow and non-finite values are refused."""
     from distiller.models import create_model
     from distiller.quantization.clipped_linear import ClippedLinearQuantization, LearnedClippedLinearQuantization
     from distiller.quantization.q_utils import asymmetric_linear_quantization_params

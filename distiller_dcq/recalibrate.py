@@ -26,12 +26,11 @@ from .report.runs import add_device_options, resolve_device
 
 
 def load_quantized(arch, checkpoint, device):
-    """(network, dataset) of a Distiller checkpoint, its quantizer rebuilt (safely: distiller_dcq's loader);
-    a checkpoint that is missing, refused or not of ``arch`` is a ``ValueError`` naming it."""
+    """(network, the checkpoint's contents) of a Distiller checkpoint, its quantizer rebuilt (safely:
+    distiller_dcq's loader); a checkpoint that is missing, refused or not of ``arch`` is a ``ValueError``."""
     from .adapter.checkpoints import network_of_checkpoint, read_checkpoint
-    read_checkpoint(checkpoint)  # its own clear errors, before Distiller's
-    model = network_of_checkpoint(checkpoint, arch, device)
-    return model, model.dataset
+    saved = read_checkpoint(checkpoint)  # its own clear errors, before Distiller's
+    return network_of_checkpoint(checkpoint, arch, device), saved
 
 
 def run_loaders(arch, dataset, data_dir, seed, validation_split, effective_valid_size, batch_size,
@@ -82,10 +81,10 @@ def recalibrate(arch, data_dir, checkpoint, seed, validation_split=0.1, effectiv
         raise ValueError(f"train_batches is a number of training batches (>= 1), got {train_batches!r}")
     if save and not os.path.isdir(os.path.dirname(os.path.abspath(save))):
         raise ValueError(f"--save {save!r}: its directory does not exist")
-    model, dataset = load_quantized(arch, checkpoint, device)
+    model, saved = load_quantized(arch, checkpoint, device)
     if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise ValueError(f"{arch} has no BatchNorm layer: there are no statistics to re-estimate")
-    train, valid, test = run_loaders(arch, dataset, data_dir, seed, validation_split, effective_valid_size,
+    train, valid, test = run_loaders(arch, model.dataset, data_dir, seed, validation_split, effective_valid_size,
                                      batch_size, effective_test_size, deterministic, workers)
     result = {"val_top1_before": top1(model, valid), "test_top1_before": top1(model, test)} if test_before else {}
     batches = [(inputs,) for inputs, _ in itertools.islice(train, train_batches)]
@@ -93,8 +92,6 @@ def recalibrate(arch, data_dir, checkpoint, seed, validation_split=0.1, effectiv
     result.update(val_top1=top1(model, valid), test_top1=top1(model, test),
                   training_images=sum(len(inputs) for inputs, in batches))
     if save:
-        from .adapter.checkpoints import torch_load_distiller_checkpoint
-        saved = torch_load_distiller_checkpoint(torch.load, checkpoint, map_location="cpu")
         saved["state_dict"] = model.state_dict()
         torch.save(saved, save)
     return model, result

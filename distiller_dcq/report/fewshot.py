@@ -94,18 +94,10 @@ class Run:
         return f"{self.arch}_{VARIANTS[self.variant][0](suffix) if self.variant else suffix}.yaml"
 
 
-def arm_sizes(arch, arm):
-    """The sizes at which ``arm`` may run on ``arch`` (None: any)."""
+def runs_at(arch, arm, size):
+    """Whether ``arm`` runs on ``arch`` at ``size`` (STUDY's arm_sizes limit some arms; the others run at any)."""
     limited = STUDY[arch].get("arm_sizes", {})
-    return limited[arm] if arm in limited else _ANY_SIZE
-
-
-class _AnySize:
-    def __contains__(self, size):
-        return True
-
-
-_ANY_SIZE = _AnySize()
+    return arm not in limited or size in limited[arm]
 
 
 def plan(args):
@@ -118,7 +110,7 @@ def plan(args):
         return args.seeds if few(size) else args.seeds[:1]
     main = [Run(arch, size, arm, seed, budget=budget) for small in (True, False) for seed in args.seeds
             for arch in args.networks for budget in budgets(args, arch) for size in sizes(args, arch)
-            if few(size) == small and seed in seeds(size) for arm in args.arms if size in arm_sizes(arch, arm)]
+            if few(size) == small and seed in seeds(size) for arm in args.arms if runs_at(arch, arm, size)]
     return main + [Run(arch, size, arm, seed, variant, budget) for arch in args.networks
                    for budget in budgets(args, arch)
                    for variant, variant_sizes in STUDY[arch]["variants"].items() if variant in args.variants
