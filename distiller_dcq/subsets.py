@@ -53,19 +53,27 @@ def read_subset_dir(data_dir):
 
 def balanced_indices(labels, candidates, size, seed):
     """``size`` of the ``candidates`` (dataset indices), as many of each class as possible (the
-    remainder of size / classes goes to classes drawn at random), drawn with ``seed``."""
+    remainder of size / classes goes to classes drawn at random; a class with too few images gives
+    its share to the others), drawn with ``seed``."""
     labels, candidates = np.asarray(labels), np.asarray(candidates)
+    if size > len(candidates):
+        raise ValueError(f"a subset of {size} images needs more than the {len(candidates)} of the training part: "
+                         f"ask for fewer images")
     rng = np.random.default_rng(seed)
     classes = np.unique(labels[candidates])
     per_class = np.full(len(classes), size // len(classes))
     per_class[rng.choice(len(classes), size % len(classes), replace=False)] += 1
+    available = np.array([np.sum(labels[candidates] == cls) for cls in classes])
+    while np.any(per_class > available):  # a short class (a synthetic directory's, say): the others make up for it
+        per_class = np.minimum(per_class, available)
+        room = np.flatnonzero(per_class < available)
+        short = size - per_class.sum()
+        extra = np.full(len(room), short // len(room))
+        extra[rng.choice(len(room), short % len(room), replace=False)] += 1
+        per_class[room] += extra
     chosen = []
     for cls, count in zip(classes, per_class):
-        pool = candidates[labels[candidates] == cls]
-        if count > len(pool):
-            raise ValueError(f"a subset of {size} images needs {count} of class {cls}, but the training part has "
-                             f"only {len(pool)}: ask for fewer images")
-        chosen += rng.choice(pool, count, replace=False).tolist()
+        chosen += rng.choice(candidates[labels[candidates] == cls], count, replace=False).tolist()
     return sorted(chosen)
 
 

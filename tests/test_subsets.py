@@ -16,8 +16,16 @@ def test_balanced_indices_take_as_many_of_each_class_from_the_candidates_only():
     counts = np.bincount(labels[chosen], minlength=10)
     assert sorted(counts.tolist()) == [6] * 6 + [7] * 4
     assert chosen == balanced_indices(labels, candidates, 64, seed=3) != balanced_indices(labels, candidates, 64, 4)
-    with pytest.raises(ValueError, match=r"needs 51 of class 0, but the training part has only 50"):
-        balanced_indices(labels, candidates, 510, seed=0)
+    with pytest.raises(ValueError, match=r"needs more than the 500 of the training part"):
+        balanced_indices(labels, candidates, 501, seed=0)
+
+
+def test_a_class_with_too_few_images_gives_its_share_to_the_others():
+    labels = np.array([0] * 2 + [1] * 30 + [2] * 5 + [3] * 40)  # a synthetic directory's classes are uneven
+    chosen = balanced_indices(labels, np.arange(len(labels)), 40, seed=1)
+    counts = np.bincount(labels[chosen])
+    assert len(set(chosen)) == 40 and counts[0] == 2 and counts[2] == 5 and sorted(counts[[1, 3]]) == [16, 17]
+    assert sorted(balanced_indices(labels, np.arange(len(labels)), len(labels), seed=2)) == list(range(len(labels)))
 
 
 def test_the_command_writes_a_subset_directory_relative_to_its_source(tmp_path):
