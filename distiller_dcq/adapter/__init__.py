@@ -9,7 +9,7 @@ from .batchnorm import BatchNormRecalibrationPolicy
 from .compat import (patch_checkpoint_loading, patch_class_name_errors, patch_criterion_inputs, patch_criterion_loss,
                      patch_imagenet_resnets, patch_pandas_precision, patch_policy_windows, patch_quantizer_prepare,
                      patch_resumed_lr, patch_scheduler_state)
-from .datasets import patch_cifar10_image_folders, patch_subset_dirs, register_svhn
+from .datasets import patch_cifar10_image_folders, patch_subset_dirs, patch_synthetic_dirs, register_svhn
 from .policy import SectionalKDPolicy
 from .quantizer import DCQQuantizer
 from .relatives import (AuxiliaryModulePolicy, JointKDPolicy, ProgressivePrecisionPolicy, SPEQPolicy,
@@ -41,6 +41,7 @@ def register(distiller):
     patch_criterion_loss(distiller.CompressionScheduler)
     patch_class_name_errors(config)
     patch_cifar10_image_folders(data_loaders, distiller.apputils)
+    patch_synthetic_dirs(data_loaders, distiller.apputils)  # before subsets: a subset may draw from synthetic images
     patch_subset_dirs(data_loaders, distiller.apputils)
     register_svhn(data_loaders, distiller.apputils, distiller.models)
     # image_classifier imports compress_classifier's own parser.py: patch it only when an application loads it

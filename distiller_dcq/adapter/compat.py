@@ -17,6 +17,7 @@ import torch
 from .checkpoints import fit_dataparallel_names, optimizer_with_checked_state, torch_load_distiller_checkpoint
 
 PATCHED = "patched_by_distiller_dcq"
+ROUTES = "distiller_dcq_routes"  # what route() installed on a function: the code of each route
 RESTORED_QUANTIZER = "distiller_dcq_restored_quantizer"  # model attribute: the quantizer rebuilt from a checkpoint
 RESUMED_POLICY_STATES = "distiller_dcq_resumed_policies"  # model attribute: our policies' states from a checkpoint
 POLICY_STATES_KEY = "distiller_dcq_policies"  # key of those states in Distiller's 'compression_sched' state
@@ -34,12 +35,14 @@ def _is_patched(fn):
 def route(namespaces, name, handles, ours):
     """Replace function ``name`` in every namespace that holds the same object (where it is defined
     and where it is re-exported) by one that calls ``ours`` when ``handles(*args)`` and the
-    original otherwise. Idempotent."""
+    original otherwise. Idempotent; several routes of one function stack (the last checked first)."""
     original = getattr(namespaces[0], name)
-    if _is_patched(original):
+    key = getattr(ours, "__code__", ours)  # the same route made again (another register call) has the same code
+    if key in getattr(original, ROUTES, ()):
         return
     routed = _mark(functools.wraps(original)(
         lambda *args, **kwargs: ours(*args, **kwargs) if handles(*args, **kwargs) else original(*args, **kwargs)))
+    setattr(routed, ROUTES, getattr(original, ROUTES, ()) + (key,))
     for namespace in namespaces:
         if getattr(namespace, name, None) is original:
             setattr(namespace, name, routed)

@@ -7,6 +7,7 @@ from torchvision import datasets, transforms
 
 from ..subsets import balanced_indices, is_subset_dir, read_subset_dir
 from ..svhn import SVHN_INPUT_SIZE, SVHNDigits, SVHNDoReFaNet
+from ..synthesize import is_synthetic_dir, read_synthetic_dir, synthetic_images
 from .compat import route
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -41,6 +42,32 @@ def patch_cifar10_image_folders(data_loaders, apputils):
     still read by Distiller's own loader."""
     route((data_loaders, apputils), "cifar10_get_datasets", lambda data_dir, *a, **k: is_image_folder_layout(data_dir),
           cifar10_image_folders)
+
+
+# --- synthetic training images (distiller_dcq.synthesize) ------------------------------------------------
+
+def patch_synthetic_dirs(data_loaders, apputils):
+    """Let compress_classifier read a synthetic directory: its images are the training set, with the training
+    transform of the real dataset it names; validation and test are that real dataset's, split as usual."""
+    original = data_loaders.get_data_loaders
+
+    def synthetic_data_loaders(datasets_fn, data_dir, batch_size, num_workers, *args, **kwargs):
+        source, _, _ = read_synthetic_dir(data_dir)
+        if not os.path.isdir(source):
+            raise ValueError(f"{data_dir} takes its validation and test sets from {source}, which does not exist: "
+                             f"synthesize again with --data naming the real dataset directory")
+        train, valid, test, input_shape = original(datasets_fn, source, batch_size, num_workers, *args, **kwargs)
+        if train is None:
+            return train, valid, test, input_shape
+        images = synthetic_images(data_dir, train.dataset.transform)
+        sampler = data_loaders.SwitchingSubsetRandomSampler(list(range(len(images))),
+                                                            kwargs.get("effective_train_size", 1.0))
+        train = torch.utils.data.DataLoader(images, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                            pin_memory=True, worker_init_fn=train.worker_init_fn)
+        return train, valid, test, input_shape
+
+    route((data_loaders, apputils), "get_data_loaders",
+          lambda datasets_fn, data_dir, *a, **k: is_synthetic_dir(data_dir), synthetic_data_loaders)
 
 
 # --- fixed training subsets (distiller_dcq.subsets) -------------------------------------------------------
