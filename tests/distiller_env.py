@@ -99,3 +99,21 @@ def train_epochs(model, optimizer, scheduler, epochs, monkeypatch, batches=2, se
 
 def float_weights(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def distiller_src():
+    """Distiller's source tree: $DISTILLER_SRC, or the one an importable Distiller comes from."""
+    if os.environ.get("DISTILLER_SRC"):
+        src = Path(os.environ["DISTILLER_SRC"]).resolve()
+    else:
+        try:
+            import distiller
+        except ImportError as err:
+            unavailable(f"Distiller is not importable ({err}) and DISTILLER_SRC is not set")
+        src = Path(distiller.__file__).resolve().parents[1]
+    if not (src / "examples" / "classifier_compression" / "compress_classifier.py").is_file():
+        unavailable(f"{src} holds no examples/classifier_compression/compress_classifier.py (set DISTILLER_SRC)")
+    if not (MNIST_DIR / "MNIST" / "raw").is_dir():
+        unavailable(f"MNIST is missing from {MNIST_DIR}")
+    return src

@@ -18,7 +18,7 @@ from distiller_dcq.report import runs as runs_module
 from distiller_dcq.report.reproduce import comparison
 from distiller_dcq.report.runs import Progress, portable_paths, run_compress_classifier, with_pythonpath
 from distiller_dcq.report.schedules import variant_schedule
-from distiller_env import unavailable
+from distiller_env import distiller_src, unavailable  # noqa: F401 (a fixture)
 
 SCHEDULES = ROOT / "schedules"
 
@@ -169,24 +169,6 @@ def test_dcq_is_compared_with_dorefa_seed_by_seed():
 
 # --- through Distiller, found only through --distiller-src -----------------------------------------
 
-@pytest.fixture(scope="module")
-def distiller_src():
-    """Distiller's source tree: $DISTILLER_SRC, or the one an importable Distiller comes from."""
-    if os.environ.get("DISTILLER_SRC"):
-        src = Path(os.environ["DISTILLER_SRC"]).resolve()
-    else:
-        try:
-            import distiller
-        except ImportError as err:
-            unavailable(f"Distiller is not importable ({err}) and DISTILLER_SRC is not set")
-        src = Path(distiller.__file__).resolve().parents[1]
-    if not (src / "examples" / "classifier_compression" / "compress_classifier.py").is_file():
-        unavailable(f"{src} holds no examples/classifier_compression/compress_classifier.py (set DISTILLER_SRC)")
-    if not (MNIST_DIR / "MNIST" / "raw").is_dir():
-        unavailable(f"MNIST is missing from {MNIST_DIR}")
-    return src
-
-
 def reproduce(distiller_src, *args, timeout=900):
     """The reproduction command as a user runs it: from the repository, Distiller not on PYTHONPATH."""
     pythonpath = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
@@ -280,7 +262,8 @@ def test_reproduce_trains_the_teacher_first_when_asked_runs_dorefa_from_scratch_
 def test_the_fewshot_study_plans_its_variants_after_the_binary_runs_from_schedules_that_exist():
     from distiller_dcq.report import fewshot
     args = SimpleNamespace(networks=list(fewshot.STUDY), arms=list(fewshot.ARMS), seeds=[0, 1, 2],
-                           many_seeds_up_to=2048, variants=list(fewshot.VARIANTS), sizes=None, steps=None)
+                           many_seeds_up_to=2048, variants=list(fewshot.VARIANTS), sizes=None, steps=None,
+                           images=["real"])
     runs = fewshot.plan(args)
     assert all((SCHEDULES / run.schedule).is_file() for run in runs)
     first_variant = next(i for i, run in enumerate(runs) if run.variant)
@@ -345,7 +328,7 @@ def test_reproduce_refuses_a_run_planned_twice_and_no_jobs_before_any_run(tmp_pa
 def test_the_fewshot_tables_show_the_recalibrated_runs_apart_and_name_a_failed_recalibration():
     from distiller_dcq.report import fewshot
     args = SimpleNamespace(networks=["resnet20_cifar"], arms=["kd_labelfree"], seeds=[0, 1], many_seeds_up_to=2048,
-                           variants=[], sizes=None, steps=None)
+                           variants=[], sizes=None, steps=None, images=["real"])
     runs = [run for run in fewshot.plan(args) if run.size == 512]
     results = {runs[0].name: {"test_top1": 70.0, "recalibrated": {"test_top1": 74.0}},
                runs[1].name: {"test_top1": 72.0, "recalibrated": {"test_top1": 78.0}}}
@@ -381,7 +364,7 @@ def test_the_fewshot_budget_axis_gives_every_arm_the_same_steps_and_scales_the_e
     epoch's worth of batches."""
     from distiller_dcq.report import fewshot
     args = SimpleNamespace(networks=["resnet20_cifar"], arms=["kd_labelfree", "dcq_adaround_labelfree"], seeds=[0],
-                           many_seeds_up_to=2048, variants=[], sizes=[512, 1024], steps=[320, 1280, 5120],
+                           many_seeds_up_to=2048, variants=[], sizes=[512, 1024], steps=[320, 1280, 5120], images=["real"],
                            out=tmp_path, data={"resnet20_cifar": str(tmp_path / "cifar")}, places={}, teacher={},
                            script="compress_classifier.py", lr="0.01", valid_size="0.1", schedules=SCHEDULES,
                            device="cpu", workers=0)

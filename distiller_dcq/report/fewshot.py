@@ -72,6 +72,9 @@ VARIANTS = {
     "a2": (lambda suffix: suffix + "_a2", "binary weights, 2-bit DoReFa activations"),
 }
 VARIANT_ARMS = ("dorefa_ce", "dorefa_kd", "kd_labelfree", "dcq_mixed_labelfree")
+# where the training images come from -> what that is; synthetic images run only the arms that read no labels
+IMAGES = {"real": "the network's own training images",
+          "synthetic": "synthesized from the FP teacher alone (distiller_dcq.synthesize), none of the training set"}
 
 
 @dataclass(frozen=True)
@@ -82,11 +85,13 @@ class Run:
     seed: int
     variant: str = ""  # a key of VARIANTS; "": binary weights, FP activations
     budget: int = None  # optimizer steps (images per epoch = budget x batch / epochs); None: the study's own
+    images: str = "real"  # a key of IMAGES: where the N training images come from
 
     @property
     def name(self):
         return (f"{self.arch}_n{self.size or 'full'}_{self.arm}" + (f"_{self.variant}" if self.variant else "")
-                + (f"_s{self.budget}" if self.budget else "") + (f"_seed{self.seed}" if self.seed else ""))
+                + (f"_s{self.budget}" if self.budget else "") + ("" if self.images == "real" else f"_{self.images}")
+                + (f"_seed{self.seed}" if self.seed else ""))
 
     @property
     def schedule(self):
@@ -108,14 +113,15 @@ def plan(args):
 
     def seeds(size):
         return args.seeds if few(size) else args.seeds[:1]
-    main = [Run(arch, size, arm, seed, budget=budget) for small in (True, False) for seed in args.seeds
-            for arch in args.networks for budget in budgets(args, arch) for size in sizes(args, arch)
-            if few(size) == small and seed in seeds(size) for arm in args.arms if runs_at(arch, arm, size)]
+    main = [Run(arch, size, arm, seed, budget=budget, images=images) for small in (True, False)
+            for seed in args.seeds for arch in args.networks for budget in budgets(args, arch)
+            for images in args.images for size in sizes(args, arch) if few(size) == small and seed in seeds(size)
+            for arm in args.arms if runs_at(arch, arm, size) and (images == "real" or not ARMS[arm][2])]
     return main + [Run(arch, size, arm, seed, variant, budget) for arch in args.networks
                    for budget in budgets(args, arch)
                    for variant, variant_sizes in STUDY[arch]["variants"].items() if variant in args.variants
                    for size in variant_sizes if size in sizes(args, arch) or args.sizes is None
-                   for seed in seeds(size) for arm in VARIANT_ARMS if arm in args.arms]
+                   for seed in seeds(size) for arm in VARIANT_ARMS if arm in args.arms and "real" in args.images]
 
 
 def sizes(args, arch):
@@ -131,27 +137,77 @@ def budgets(args, arch):
 
 def data_options(args, run):
     """The dataset directory (a subset directory made here) and --effective-train-size of ``run``."""
-    study, source = STUDY[run.arch], _resolve(args.data.get(run.arch) or NETWORKS[run.arch]["data"], args.places)
+    study, source = STUDY[run.arch], real_data(args, run.arch)
+    if run.images == "synthetic":
+        source = synthetic_pool(args, run.arch)
     if run.size is None:
         # Distiller takes int(size x fraction) images: half an image more keeps the rounding from losing one
         return source, f"{(images_per_epoch(run.arch, run.budget) + 0.5) / study['train_part']:.8f}"
     times = repeat(run.arch, run.size, run.budget)
-    subset = args.out / "data" / (f"{run.arch}_n{run.size}_seed{run.seed}" + (f"_x{times}" if run.budget else ""))
+    subset = args.out / "data" / (f"{run.arch}_n{run.size}_seed{run.seed}" + (f"_x{times}" if run.budget else "")
+                                  + ("" if run.images == "real" else f"_{run.images}"))
     write_subset_dir(str(source), run.size, run.seed, str(subset), times)
     return subset, "1.0"
+
+
+def real_data(args, arch):
+    return _resolve(args.data.get(arch) or NETWORKS[arch]["data"], args.places)
+
+
+def teacher(args, arch):
+    return _resolve(args.teacher.get(arch) or Path("../shared/teachers") / f"{arch}_fp.pth.tar", args.places)
+
+
+def synthetic_pool(args, arch):
+    """The synthetic directory the synthetic runs of ``arch`` draw their N images from: as many images as the
+    largest N, synthesized with ``synthesize_command`` (seed 0)."""
+    return args.out / "data" / f"{arch}_synthetic_n{max(n for n in sizes(args, arch) if n)}"
+
+
+def synthesize_command(args, arch):
+    return [sys.executable, "-m", "distiller_dcq.synthesize", "--arch", arch, "--teacher", teacher(args, arch),
+            "--images", str(max(n for n in sizes(args, arch) if n)), "--data", real_data(args, arch),
+            "--out", synthetic_pool(args, arch), "--seed", "0", "--device", args.device] + (
+               ["--set", *args.synthesis] if args.synthesis else [])
+
+
+def make_synthetic_pools(args, env, say):
+    """Synthesize the pool of every network with synthetic runs, unless a finished one is there (its
+    synthetic.json is written last)."""
+    from ..synthesize import MANIFEST
+    for arch in args.networks if "synthetic" in args.images else []:
+        pool = synthetic_pool(args, arch)
+        if (pool / MANIFEST).exists():
+            say(f"{arch}: synthetic images kept from {pool}")
+            continue
+        cmd = [str(c) for c in synthesize_command(args, arch)]
+        say(f"{arch}: synthesizing {cmd[cmd.index('--images') + 1]} images: {shlex.join(cmd)}")
+        # one process: on the CPU it may use the cores the runs will share
+        threads = {"OMP_NUM_THREADS": str(args.jobs)} if args.device == "cpu" else {}
+        done = subprocess.run(cmd + ["--force"] * pool.exists(), env={**env, **threads}, stdout=subprocess.PIPE,
+                              text=True)
+        if done.returncode != 0:
+            sys.exit(f"synthesizing {arch}'s images failed (exit status {done.returncode}); see above")
+        say(done.stdout.strip())
+
+
+def plot_synthetic_images(args):
+    """synthetic_<network>.png: ten synthetic images of each class (a row per class, CIFAR-10's order)."""
+    from ..synthesize import MANIFEST, save_grid
+    for arch in args.networks if "synthetic" in args.images else []:
+        if (synthetic_pool(args, arch) / MANIFEST).exists():
+            save_grid(synthetic_pool(args, arch), args.out / f"synthetic_{arch}.png")
 
 
 def command(args, run):
     study = STUDY[run.arch]
     data, train_size = data_options(args, run)
-    teacher = _resolve(args.teacher.get(run.arch) or Path("../shared/teachers") / f"{run.arch}_fp.pth.tar",
-                       args.places)
     return [sys.executable, args.script, "--arch", run.arch, data, *device_options(args.device, args.workers),
             "-b", str(study["batch"]),
             "--lr", args.lr, "--momentum", "0.9", "--wd", "0", "--epochs", str(study["epochs"]),
             "--vs", VALIDATION_SPLIT, "--effective-valid-size", args.valid_size, "--seed", str(run.seed),
             "--effective-train-size", train_size,
-            "--compress", args.schedules / run.schedule, "--exp-load-weights-from", teacher,
+            "--compress", args.schedules / run.schedule, "--exp-load-weights-from", teacher(args, run.arch),
             "--out-dir", args.out / "runs" / run.name, "--name", run.name]
 
 
@@ -227,10 +283,11 @@ def _cell(values, expected):
     return text + (f" ({len(values)} of {expected})" if len(values) < expected else "")
 
 
-def _table(args, runs, results, arch, variant, recalibrated=False):
+def _table(args, runs, results, arch, variant, recalibrated=False, images="real"):
     """Markdown rows: one per arm, one column per size (and budget, with several) that ``arch``'s ``variant``
-    ("": the main study) has runs at."""
+    ("": the main study) has runs at on ``images``."""
     several = len(budgets(args, arch)) > 1
+    runs = [r for r in runs if r.images == images]
     columns = [(size, budget) for budget in budgets(args, arch) for size in sizes(args, arch)
                if any((r.arch, r.size, r.variant, r.budget) == (arch, size, variant, budget) for r in runs)]
     arms = [arm for arm in (VARIANT_ARMS if variant else args.arms) if arm in args.arms
@@ -301,6 +358,15 @@ def write_results(args, runs, results):
               for arm in args.arms]
     for arch in args.networks:
         lines += ["", f"## {arch}", ""] + _table(args, runs, results, arch, "") + ["", f"![{arch}](fewshot_{arch}.png)"]
+        synthetic = any(r.arch == arch and r.images == "synthetic" for r in runs)
+        if synthetic:
+            lines += ["", f"### {arch}, synthetic images: data-free", "",
+                      f"The N training images are drawn (class-balanced as the teacher labels them, with the run's "
+                      f"seed) from {max(n for n in sizes(args, arch) if n)} images synthesized from the FP teacher "
+                      f"alone: `{shlex.join(str(c) for c in synthesize_command(args, arch))}`; none of the "
+                      f"training set is read (validation and test: the real ones). Ten of each class, as the "
+                      f"teacher labels them: ![synthetic {arch}](synthetic_{arch}.png)", ""]
+            lines += _table(args, runs, results, arch, "", images="synthetic")
         variants = [v for v in STUDY[arch]["variants"] if any(r.arch == arch and r.variant == v for r in runs)]
         for variant in variants:
             lines += ["", f"### {arch}, {VARIANTS[variant][1]}", ""] + _table(args, runs, results, arch, variant)
@@ -316,6 +382,9 @@ def write_results(args, runs, results):
             for variant in [""] + variants:
                 lines += ([f"{VARIANTS[variant][1]}:", ""] if variant else []) + _table(
                     args, runs, results, arch, variant, recalibrated=True) + [""]
+            if synthetic:
+                lines += ["synthetic images (re-estimated on the run's synthetic images):", ""] + _table(
+                    args, runs, results, arch, "", recalibrated=True, images="synthetic") + [""]
     lines += ["", "## Commands", "", "Run from the directory the study ran in; `$DISTILLER_SRC` is Distiller's "
               "source directory, `schedules/` distiller-dcq's; each subset directory is made by "
               "`python -m distiller_dcq.subsets SOURCE --size N --seed S --repeat K --out DIR`.", ""]
@@ -323,12 +392,12 @@ def write_results(args, runs, results):
     (args.out / "results.md").write_text(portable_paths("\n".join(lines) + "\n", args.places))
     with open(args.out / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["run", "network", "N", "arm", "variant", "seed", "steps", "test_top1",
+        writer.writerow(["run", "network", "N", "images", "arm", "variant", "seed", "steps", "test_top1",
                          "test_top1_recalibrated_bn", "seconds"])
         for r in runs:
             result = results.get(r.name, {})
             again = result.get("recalibrated", {})
-            writer.writerow([r.name, r.arch, r.size or "full", r.arm, r.variant or "binary", r.seed,
+            writer.writerow([r.name, r.arch, r.size or "full", r.images, r.arm, r.variant or "binary", r.seed,
                              run_steps(r.arch, r.size, r.budget),
                              result.get("test_top1", result.get("failed", "")),
                              again.get("test_top1", again.get("failed", "")), round(result.get("seconds", 0))])
@@ -346,20 +415,22 @@ def plot(args, runs, results):
         panels = [False, True] if study["batchnorm"] else [False]
         fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), sharey=True, squeeze=False)
         for ax, recalibrated in zip(axes[0], panels):
-            for budget in budgets(args, arch):
-                for arm in args.arms:
-                    points = []
-                    for size in sizes(args, arch):
-                        values = _top1s(_outcomes([r for r in runs if (r.arch, r.size, r.arm, r.variant, r.budget) ==
-                                                   (arch, size, arm, "", budget)], results, recalibrated))
-                        if values:
-                            points.append((size or full_at, statistics.mean(values),
-                                           statistics.stdev(values) if len(values) > 1 else 0.0))
-                    if points:
-                        xs, means, stds = zip(*points)
-                        label = arm + (f", {budget or run_steps(arch, None)} steps" if args.steps else "")
-                        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label,
-                                    linestyle="-" if arm.startswith("dcq") else "--")
+            for budget, images, arm in [(b, i, a) for b in budgets(args, arch) for i in args.images for a in args.arms]:
+                points = []
+                for size in sizes(args, arch):
+                    values = _top1s(_outcomes([r for r in runs if (r.arch, r.size, r.arm, r.variant, r.budget,
+                                                                   r.images) == (arch, size, arm, "", budget, images)],
+                                              results, recalibrated))
+                    if values:
+                        points.append((size or full_at, statistics.mean(values),
+                                       statistics.stdev(values) if len(values) > 1 else 0.0))
+                if points:
+                    xs, means, stds = zip(*points)
+                    label = arm + (f", {budget or run_steps(arch, None)} steps" if args.steps else "") + (
+                        "" if images == "real" else f", {images} images")
+                    ax.errorbar(xs, means, yerr=stds, marker="o" if images == "real" else "s", capsize=3,
+                                label=label, linestyle=":" if images != "real" else "-" if arm.startswith("dcq")
+                                else "--")
             ax.set_xscale("log")
             ax.set_xticks([n or full_at for n in sizes(args, arch)],
                           [str(n) if n else f"full\n({full_at})" for n in sizes(args, arch)])
@@ -387,6 +458,12 @@ def main(argv=None):
                              "(section stage, AdaRound window) scale with the budget. Every arm at an N takes the same "
                              "steps; exactly the budget when N x round(images / N) fills whole batches, more when N "
                              "is above an epoch's images (one pass an epoch): the tables say the steps taken")
+    parser.add_argument("--images", nargs="+", default=["real"], choices=list(IMAGES),
+                        help="training images: real (default), synthetic (data-free: the arms without labels, on "
+                             "images synthesized from the teacher, as many as the largest N, seed 0, made first), "
+                             "or both")
+    parser.add_argument("--synthesis", nargs="+", metavar="KEY=VALUE",
+                        help="synthesis keys for the synthetic images (python -m distiller_dcq.synthesize --set)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--many-seeds-up-to", type=int, default=2048,
                         help="sizes above this get the first seed only (default 2048)")
@@ -415,6 +492,8 @@ def main(argv=None):
     for option, values in (("--sizes", args.sizes), ("--steps", args.steps), ("--seeds", args.seeds)):
         if values and len(set(values)) < len(values):
             parser.error(f"{option} names a value twice ({' '.join(map(str, values))}): each run would be planned twice")
+    if "synthetic" in args.images and not any(n for arch in args.networks for n in sizes(args, arch)):
+        parser.error("--images synthetic needs a size N (--sizes): the full training part is real images")
     runs = plan(args)
     env = {**with_pythonpath(args.distiller_src), "OMP_NUM_THREADS": "1"}
     results, lock, started = {}, threading.Lock(), time.time()
@@ -423,6 +502,10 @@ def main(argv=None):
         with lock:
             print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
+    if args.report_only:  # a synthetic run whose pool is not there has not run
+        runs = [r for r in runs if r.images == "real" or synthetic_pool(args, r.arch).exists()]
+    else:
+        make_synthetic_pools(args, env, say)
     commands = {run: command(args, run) for run in runs}  # makes the subset directories, before any run
     if args.report_only:
         results.update((run.name, recalibrated(args, run, result, env, print, run_now=False)) for run in runs
@@ -445,6 +528,7 @@ def main(argv=None):
         list(pool.map(execute, [] if args.report_only else runs))
     write_results(args, runs, results)
     plot(args, runs, results)
+    plot_synthetic_images(args)
     print(f"wrote {args.out / 'results.md'}, results.csv and the plots")
     exit_if_any_failed(results, args.out / "runs")
 
