@@ -281,6 +281,8 @@ def test_the_fewshot_study_plans_its_variants_after_the_binary_runs_from_schedul
                                                                   for seed in (0, 1, 2)}
     adaround = {(run.arch, run.size) for run in runs if run.arm == "dcq_adaround_labelfree"}
     assert adaround == {(arch, n) for arch in fewshot.STUDY for n in fewshot.STUDY[arch]["sizes"]}
+    assert {run.arm for run in runs if run.arch == "vgg11_bn_cifar"} == {  # a network with fewer arms
+        "kd_labelfree", "dcq_mixed_labelfree", "dcq_adaround_labelfree"}
 
 
 def test_the_fewshot_study_trains_each_arm_on_fixed_subsets_with_equal_steps_and_reports_mean_and_std(

@@ -34,7 +34,8 @@ from .runs import (add_device_options, device_description, device_options, exit_
 
 # network -> the study's sizes (None: the full training part), epochs, images per epoch, batch size,
 # training-part size, the sizes at which each variant runs, whether it has BatchNorm (then every run is
-# also tested after re-estimating its statistics), and those of the arms that run at fewer sizes
+# also tested after re-estimating its statistics), the only arms it runs (when not all), and those of the
+# arms that run at fewer sizes
 STUDY = {
     "simplenet_mnist": dict(sizes=(60, 300, 1000, None), epochs=6, images_per_epoch=6400, batch=128, train_part=54000,
                             variants={"a2": (1000,)}, batchnorm=False,
@@ -44,6 +45,9 @@ STUDY = {
     "resnet20_cifar": dict(sizes=(512, 2048, 8192, None), epochs=10, images_per_epoch=2048, batch=64, train_part=45000,
                            variants={"ternary": (512,)}, batchnorm=True,
                            arm_sizes={"dcq_blocks_mixed_labelfree": (512, 2048)}),
+    # the label-free arms only (data-free quantization's counterparts), as ResNet-20's
+    "vgg11_bn_cifar": dict(sizes=(512,), epochs=10, images_per_epoch=2048, batch=64, train_part=45000, variants={},
+                           batchnorm=True, arms=("kd_labelfree", "dcq_mixed_labelfree", "dcq_adaround_labelfree")),
 }
 VALIDATION_SPLIT = "0.1"  # every run's --vs: Distiller's default
 # arm -> (schedule suffix, what it is, whether it reads labels)
@@ -100,9 +104,10 @@ class Run:
 
 
 def runs_at(arch, arm, size):
-    """Whether ``arm`` runs on ``arch`` at ``size`` (STUDY's arm_sizes limit some arms; the others run at any)."""
+    """Whether ``arm`` runs on ``arch`` at ``size`` (STUDY's arms, when given, are the network's only ones; its
+    arm_sizes limit some arms; the others run at any)."""
     limited = STUDY[arch].get("arm_sizes", {})
-    return arm not in limited or size in limited[arm]
+    return arm in STUDY[arch].get("arms", ARMS) and (arm not in limited or size in limited[arm])
 
 
 def plan(args):
