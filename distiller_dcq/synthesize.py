@@ -170,7 +170,9 @@ def make_synthetic_dir(arch, teacher, count, data_dir, out, config=SynthesisConf
                 "arch": arch, "teacher": os.path.basename(teacher), "images": count, "seed": seed, "device": device,
                 "config": config.as_dict(), "seconds": round(time.time() - started),
                 "images_per_class": [classes.count(c) for c in range(num_classes)],
-                "predicted_as_aimed": sum(a == c for a, c in zip(aimed, classes)) / count,
+                # with no class term the classes aimed at mean nothing
+                "predicted_as_aimed": sum(a == c for a, c in zip(aimed, classes)) / count if config.class_weight
+                else None,
                 "statistics_error_max": max(per_layer.values()), "statistics_error_per_layer": per_layer}
     Path(out, MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
@@ -205,8 +207,9 @@ def main(argv=None):
         print(f"{parser.prog}: {err}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {args.images} images to {os.path.join(args.out, IMAGES)} in {manifest['seconds']} s "
-          f"(per class, as the teacher predicts them: {manifest['images_per_class']}; "
-          f"{100 * manifest['predicted_as_aimed']:.1f}% of the class each aimed at); worst BatchNorm statistics "
+          f"(per class, as the teacher predicts them: {manifest['images_per_class']}"
+          + (f"; {100 * manifest['predicted_as_aimed']:.1f}% of the class each aimed at"
+             if manifest["predicted_as_aimed"] is not None else "") + "); worst BatchNorm statistics "
           f"error {manifest['statistics_error_max']:.3f}. Validation and test sets: the real ones of {args.data}. "
           f"Give {args.out} to compress_classifier.py as the dataset directory.")
 

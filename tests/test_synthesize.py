@@ -5,6 +5,7 @@ import csv
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -138,7 +139,16 @@ def test_the_fewshot_study_runs_its_label_free_arms_on_synthetic_images(tmp_path
                                                               train_part=45000, variants={}, batchnorm=True))
     monkeypatch.chdir(ROOT)
     out = tmp_path / "study"
-    fewshot.main(["--distiller-src", str(distiller_src), "--networks", "resnet20_cifar", "--arms", "kd_labelfree",
+    reference = tmp_path / "earlier" / "results.csv"  # an earlier real-image study, drawn in the plots
+    reference.parent.mkdir()
+    reference.write_text("run,network,N,images,arm,variant,seed,steps,test_top1,test_top1_recalibrated_bn,seconds\n"
+                         + "".join(f"r{n}{seed},resnet20_cifar,{n},real,kd_labelfree,binary,{seed},2,{40 + seed},"
+                                   f"{50 + seed},9\n" for n in (16, 32) for seed in (0, 1))
+                         + "x,resnet20_cifar,16,real,kd_labelfree,binary,0,20,99,99,9\n")  # another budget: left out
+    assert fewshot.reference_points(SimpleNamespace(reference=reference, arms=["kd_labelfree"], sizes=[16, 32]),
+                                    "resnet20_cifar", recalibrated=True) == {
+        "kd_labelfree": [(16, 50.5, pytest.approx(0.7071, abs=1e-4)), (32, 50.5, pytest.approx(0.7071, abs=1e-4))]}
+    fewshot.main(["--reference", str(reference), "--distiller-src", str(distiller_src), "--networks", "resnet20_cifar", "--arms", "kd_labelfree",
                   "dorefa_ce", "--images", "synthetic", "--seeds", "0", "--valid-size", "0.02", "--sizes", "16", "32",
                   "--synthesis", "iterations=3", "batch_size=16", "class_weight=1", "--data", f"resnet20_cifar={cifar}",
                   "--teacher", f"resnet20_cifar={RESNET_TEACHER}", "--device", "cpu", "--out", str(out)])
@@ -154,7 +164,9 @@ def test_the_fewshot_study_runs_its_label_free_arms_on_synthetic_images(tmp_path
     assert (out / "data" / "resnet20_cifar_n16_seed0_synthetic" / subset["source"]).resolve() == pool.resolve()
     log = next((out / "runs").glob("resnet20_cifar_n32_*/*/*.log")).read_text()
     assert "Training epoch: 32 samples (16 per mini-batch)" in log
+    assert "Training set: the 32 synthetic images of" in log and "validation and test sets: the real ones of" in log
     table = (out / "results.md").read_text()
+    assert "The plot also draws, faded, the real-image runs of" in table
     assert "### resnet20_cifar, synthetic images: data-free" in table and "python -m distiller_dcq.synthesize" in table
     assert (out / "synthetic_resnet20_cifar.png").stat().st_size > 2000
     assert (out / "fewshot_resnet20_cifar.png").stat().st_size > 5000

@@ -1,5 +1,6 @@
 """Data and networks for compress_classifier beyond Distiller's: fixed training subsets, CIFAR-10
 stored as image folders, and SVHN with DoReFa-Net's SVHN network."""
+import logging
 import os
 
 import torch
@@ -60,6 +61,8 @@ def patch_synthetic_dirs(data_loaders, apputils):
         if train is None:
             return train, valid, test, input_shape
         images = synthetic_images(data_dir, train.dataset.transform)
+        logging.getLogger().info("Training set: the %d synthetic images of %s; validation and test sets: the real "
+                                 "ones of %s", len(images), data_dir, source)
         sampler = data_loaders.SwitchingSubsetRandomSampler(list(range(len(images))),
                                                             kwargs.get("effective_train_size", 1.0))
         train = torch.utils.data.DataLoader(images, batch_size=batch_size, sampler=sampler, num_workers=num_workers,

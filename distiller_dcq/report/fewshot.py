@@ -362,8 +362,13 @@ def write_results(args, runs, results):
     lines += [f"| {arm} | {'yes' if ARMS[arm][2] else 'no'} | {ARMS[arm][1]} (`schedules/<network>_{ARMS[arm][0]}.yaml`) |"
               for arm in args.arms]
     for arch in args.networks:
-        lines += ["", f"## {arch}", ""] + _table(args, runs, results, arch, "") + ["", f"![{arch}](fewshot_{arch}.png)"]
+        real = any(r.arch == arch and r.images == "real" for r in runs)
         synthetic = any(r.arch == arch and r.images == "synthetic" for r in runs)
+        lines += ["", f"## {arch}", ""] + (_table(args, runs, results, arch, "") if real else []) + [
+            "", f"![{arch}](fewshot_{arch}.png)"]
+        if reference_points(args, arch, False):
+            lines += ["", f"The plot also draws, faded, the real-image runs of {args.reference} (an earlier study: the "
+                          f"same arms, sizes and budget; its numbers are its own, not rerun here)."]
         if synthetic:
             lines += ["", f"### {arch}, synthetic images: data-free", "",
                       f"The N training images are drawn (class-balanced as the teacher labels them, with the run's "
@@ -384,7 +389,7 @@ def write_results(args, runs, results):
                       f"--arch {arch} --seed SEED {shlex.join(recalibration_options(args, arch))}` "
                       "(DATA, NAME and SEED as in the run's command below"
                       + ("; --train-batches: the run's images per epoch / batch" if args.steps else "") + ").", ""]
-            for variant in [""] + variants:
+            for variant in [""] * real + variants:
                 lines += ([f"{VARIANTS[variant][1]}:", ""] if variant else []) + _table(
                     args, runs, results, arch, variant, recalibrated=True) + [""]
             if synthetic:
@@ -406,6 +411,32 @@ def write_results(args, runs, results):
                              run_steps(r.arch, r.size, r.budget),
                              result.get("test_top1", result.get("failed", "")),
                              again.get("test_top1", again.get("failed", "")), round(result.get("seconds", 0))])
+
+
+def reference_points(args, arch, recalibrated):
+    """{arm: [(N, mean, std)]} of ``--reference``'s real-image runs of ``arch`` at this study's own budget,
+    binary, for this study's arms and sizes (an earlier study, drawn beside this one's runs)."""
+    if not args.reference:
+        return {}
+    column = "test_top1_recalibrated_bn" if recalibrated else "test_top1"
+    top1s = {}
+    for row in csv.DictReader(open(args.reference)):
+        size = None if row["N"] == "full" else int(row["N"])
+        if (row["network"], row.get("images", "real"), row["variant"], int(row["steps"])) == (
+                arch, "real", "binary", run_steps(arch, size)) and row["arm"] in args.arms \
+                and size in sizes(args, arch) and _is_number(row[column]):
+            top1s.setdefault(row["arm"], {}).setdefault(size, []).append(float(row[column]))
+    return {arm: [(n, statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
+                  for n, v in sorted(by_size.items(), key=lambda item: item[0] or math.inf)]
+            for arm, by_size in top1s.items()}
+
+
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def plot(args, runs, results):
@@ -436,6 +467,10 @@ def plot(args, runs, results):
                     ax.errorbar(xs, means, yerr=stds, marker="o" if images == "real" else "s", capsize=3,
                                 label=label, linestyle=":" if images != "real" else "-" if arm.startswith("dcq")
                                 else "--")
+            for arm, points in reference_points(args, arch, recalibrated).items():
+                xs, means, stds = zip(*[(n or full_at, m, sd) for n, m, sd in points])
+                ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, alpha=0.45, linestyle="-" if
+                            arm.startswith("dcq") else "--", label=f"{arm}, real images ({args.reference.parent.name})")
             ax.set_xscale("log")
             ax.set_xticks([n or full_at for n in sizes(args, arch)],
                           [str(n) if n else f"full\n({full_at})" for n in sizes(args, arch)])
@@ -477,6 +512,8 @@ def main(argv=None):
                                                             "only logged; the test set decides)")
     parser.add_argument("--data", nargs="*", help="NETWORK=PATH: data directory (default: ../shared/data/...)")
     parser.add_argument("--teacher", nargs="*", help="NETWORK=PATH: FP checkpoint (default: ../shared/teachers)")
+    parser.add_argument("--reference", type=Path, help="an earlier study's results.csv: its real-image runs of "
+                                                        "the same arms, sizes and budget are drawn in the plots too")
     parser.add_argument("--schedules", type=Path, help="a schedules directory (default: distiller-dcq's own)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each takes one core, OMP_NUM_THREADS=1; "
                                                             "on CUDA they share the GPU)")
