@@ -14,7 +14,8 @@ from torch import nn
 
 @dataclass(frozen=True)
 class SynthesisConfig:
-    """How images are synthesized; each field is a key of ``synthesize``'s ``--set KEY=VALUE``."""
+    """How images are synthesized; each field is a key of ``synthesize``'s ``--set KEY=VALUE``. The priors are
+    off by default: none beat the statistics term alone (benchmarks/results/synthesis_priors)."""
     iterations: int = 200  # Adam steps per batch
     lr: float = 0.1  # Adam's rate, on pixels in the network's (normalized) input space
     batch_size: int = 256  # images optimized together: their batch statistics are matched
