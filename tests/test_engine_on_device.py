@@ -1,6 +1,6 @@
 """The engine on a CUDA device gives the CPU's results: weight quantizers, section losses, and the section
 wiring in parallel and sequential mode (split, training steps, merge), plain and under DataParallel, DCQ's
-relatives' parts, AdaRound level choices and BatchNorm re-estimation.
+relatives' parts, AdaRound level choices, BatchNorm re-estimation and image synthesis.
 
 Each test runs once per device: ``cpu`` (the same code against a second CPU run, so CI exercises these
 tests) and ``cuda``, skipped, saying why, where there is no CUDA device (CI never has one).
@@ -254,3 +254,19 @@ def test_batchnorm_re_estimation_on_the_device_gives_the_cpus_statistics(device)
     for cpu, dev in zip(*results):
         assert dev.device.type == device.type
         close(dev, cpu)
+
+
+def test_image_synthesis_runs_on_the_models_device_and_matches_the_cpus_statistics(device):
+    from distiller_dcq.engine.synthesis import SynthesisConfig, balanced_classes, synthesize_batch
+    from test_synthesis import RANGE, SHAPE, TOLERANCE, small_network
+    config = SynthesisConfig(iterations=150, batch_size=32, jitter=0, class_weight=0.1, tv_weight=0.1)
+    errors = []
+    for dev in (torch.device("cpu"), device):
+        model = small_network().to(dev)
+        images, final = synthesize_batch(model, SHAPE, RANGE, balanced_classes(32, 4), config, seed=0)
+        assert images.device.type == "cpu" and images.min() >= -1 and images.max() <= 1  # written from the CPU
+        assert {p.device.type for p in model.parameters()} == {dev.type}  # the network stays where it was
+        errors.append(final)
+    cpu, on_device = errors
+    # 150 Adam steps amplify float32 differences: the same statistics, not the same pixels
+    assert all(on_device[name] < TOLERANCE and abs(on_device[name] - cpu[name]) < 0.05 for name in cpu), errors
