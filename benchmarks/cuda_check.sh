@@ -27,6 +27,10 @@
 # (1280), STUDY_SEEDS (0 1 2), STUDY_JOBS (8) runs at a time sharing the GPU, cut at the budget; its report,
 # CSV, plots and every run's result.json, log and re-estimation to $OUT/fewshot_budget. Stage the whole CIFAR-10
 # copy for it (30 MiB): CIFAR_TRAIN_PER_CLASS=5000 CIFAR_TEST_PER_CLASS=1000 benchmarks/cuda/stage.sh DISTILLER_SRC.
+# CUDA_CHECK_STUDY=datafree: the same, for data-free quantization (issue #22): the label-free arms STUDY_ARMS
+# (kd_labelfree dcq_mixed_labelfree dcq_adaround_labelfree) on STUDY_IMAGES (real synthetic) at STUDY_SIZES
+# (512 2048), the synthetic images made on the GPU first; to $OUT/datafree (36 runs: give it
+# CUDA_CHECK_BUDGET_S=520 and a device call of 9 minutes; the CPU dry run takes 10 steps, 32 images).
 # Settings (environment): OUT (default WORK/out); CUDA_CHECK_WORK (a new /tmp dir); CUDA_CHECK_STAGE
 # (.device); DISTILLER_SRC (STAGE/distiller); CUDA_CHECK_PYTHON (python3); CUDA_CHECK_BUDGET_S (450:
 # seconds from the start by which the tests and runs must have ended); CUDA_CHECK_LENET_EPOCHS (2);
@@ -44,6 +48,8 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${CUDA_CHECK_PYTHON:-python3}
 DRY=${CUDA_CHECK_DRY_RUN_ON_CPU:-0}
 DRY_HINT="for a CPU dry run of the plumbing: CUDA_CHECK_DRY_RUN_ON_CPU=1 bash benchmarks/cuda_check.sh"
+STUDY=${CUDA_CHECK_STUDY:-}
+case "$STUDY" in ""|fewshot_budget|datafree) ;; *) die "CUDA_CHECK_STUDY=$STUDY: fewshot_budget or datafree" 2 ;; esac
 
 # --- 1. a CUDA GPU, or stop here ----------------------------------------------------------------------------
 if [ "$DRY" != 1 ]; then
@@ -144,30 +150,41 @@ say "CIFAR-10 subset: $(find "$SHARED/data/cifar10-jpeg/train" -name '*.jpg' | w
     "$(find "$SHARED/data/cifar10-jpeg/test" -name '*.jpg' | wc -l) test images"
 
 # --- the few-shot budget study instead of 4-6, when asked -----------------------------------------------------------
-if [ "${CUDA_CHECK_STUDY:-}" = fewshot_budget ]; then
-  STUDY_OUT=$OUT/fewshot_budget
-  if [ "$DRY" = 1 ]; then  # the plumbing only: the smallest budget the schedules allow, a few images
-    STEPS=${STUDY_STEPS:-10}; SIZES=${STUDY_SIZES:-40}; SEEDS=${STUDY_SEEDS:-0}; JOBS=${STUDY_JOBS:-2}
-    ARMS=${STUDY_ARMS:-kd_labelfree dcq_adaround_whole_labelfree}; VALID=0.02
+if [ -n "$STUDY" ]; then
+  STUDY_OUT=$OUT/$STUDY
+  EXTRA=()
+  if [ "$STUDY" = datafree ]; then  # issue #22: the label-free arms on synthetic images, beside real ones
+    if [ "$DRY" = 1 ]; then
+      SIZES=${STUDY_SIZES:-32}; SEEDS=${STUDY_SEEDS:-0}; JOBS=${STUDY_JOBS:-2}; ARMS=${STUDY_ARMS:-kd_labelfree}
+      VALID=0.02; EXTRA=(--steps 10 --synthesis iterations=3 batch_size=16)
+    else
+      SIZES=${STUDY_SIZES:-512 2048}; SEEDS=${STUDY_SEEDS:-0 1 2}; JOBS=${STUDY_JOBS:-8}; VALID=0.1
+      ARMS=${STUDY_ARMS:-kd_labelfree dcq_mixed_labelfree dcq_adaround_labelfree}
+    fi
+    EXTRA+=(--images ${STUDY_IMAGES:-real synthetic})
+  elif [ "$DRY" = 1 ]; then  # the plumbing only: the smallest budget the schedules allow, a few images
+    SIZES=${STUDY_SIZES:-40}; SEEDS=${STUDY_SEEDS:-0}; JOBS=${STUDY_JOBS:-2}; VALID=0.02
+    ARMS=${STUDY_ARMS:-kd_labelfree dcq_adaround_whole_labelfree}; EXTRA=(--steps ${STUDY_STEPS:-10})
   else
-    STEPS=${STUDY_STEPS:-1280}; SIZES=${STUDY_SIZES:-512}; SEEDS=${STUDY_SEEDS:-0 1 2}; JOBS=${STUDY_JOBS:-8}
-    ARMS=${STUDY_ARMS:-kd_labelfree dorefa_kd dcq_adaround_labelfree dcq_adaround_whole_labelfree}; VALID=0.1
+    SIZES=${STUDY_SIZES:-512}; SEEDS=${STUDY_SEEDS:-0 1 2}; JOBS=${STUDY_JOBS:-8}; VALID=0.1
+    ARMS=${STUDY_ARMS:-kd_labelfree dorefa_kd dcq_adaround_labelfree dcq_adaround_whole_labelfree}
+    EXTRA=(--steps ${STUDY_STEPS:-1280})
   fi
   LIMIT=$(( DEADLINE - $(date +%s) - 20 ))
-  say "few-shot budget study on $DEVICE for at most $LIMIT s: steps $STEPS, N $SIZES, seeds $SEEDS, $JOBS at a time"
+  say "$STUDY study on $DEVICE for at most $LIMIT s: ${EXTRA[*]}, N $SIZES, seeds $SEEDS, $JOBS at a time"
   set +e
   (cd "$WORK" && PYTHONPATH=${PKG_PATH:+$PKG_PATH:}$DISTILLER_SRC timeout "$LIMIT" "$PY" -m distiller_dcq.report.fewshot \
     --distiller-src "$DISTILLER_SRC" --device "$DEVICE" --jobs "$JOBS" --networks resnet20_cifar --arms $ARMS \
-    --variants --sizes $SIZES --steps $STEPS --seeds $SEEDS --valid-size $VALID \
+    --variants --sizes $SIZES "${EXTRA[@]}" --seeds $SEEDS --valid-size $VALID \
     --data "resnet20_cifar=$SHARED/data/cifar10-jpeg" --teacher "resnet20_cifar=$SHARED/teachers/resnet20_cifar_fp.pth.tar" \
-    --out "$WORK/fewshot_budget") 2>&1 | tee "$WORK/logs/fewshot_budget.txt"
+    --out "$WORK/$STUDY") 2>&1 | tee "$WORK/logs/$STUDY.txt"
   STUDY_RC=${PIPESTATUS[0]}
   set -e
   mkdir -p "$STUDY_OUT"
-  (cd "$WORK/fewshot_budget" && cp results.md results.csv ./*.png "$STUDY_OUT/" 2> /dev/null;
+  (cd "$WORK/$STUDY" && cp results.md results.csv ./*.png "$STUDY_OUT/" 2> /dev/null;
    find runs -name 'result.json' -o -name 'recalibrated.json' -o -name '*.log' | tar -czf "$STUDY_OUT/runs.tar.gz" -T -) ||
     true
-  say "few-shot budget study: exit $STUDY_RC ($([ "$STUDY_RC" = 124 ] && echo 'cut at the budget; ')finished runs in" \
+  say "$STUDY study: exit $STUDY_RC ($([ "$STUDY_RC" = 124 ] && echo 'cut at the budget; ')finished runs in" \
       "$STUDY_OUT)"
   [ "$STUDY_RC" = 0 ] || [ "$STUDY_RC" = 124 ] || exit 1
   exit 0
