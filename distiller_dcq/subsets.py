@@ -5,7 +5,8 @@ it cannot say "train on these 512 images". A *subset directory* can: it holds on
 (the dataset directory it draws from, N and a seed) and is given to compress_classifier.py in place
 of the dataset directory. Distiller then splits the source's training set into training and
 validation parts exactly as for the full run (same ``--vs``, same ``--seed``: the same validation and
-test sets), and the training part is cut down to N images, N/C of each of the C classes, drawn with
+test sets), and the training part is cut down to N images, N/C of each of the C classes (a class with
+fewer gives its share to the others), drawn with
 the subset's seed; every epoch goes over those N images in a new order, ``--repeat`` K times each
 (so that few-shot runs keep a schedule's epochs and its number of steps: N x K images per epoch).
 

@@ -8,9 +8,9 @@ its running statistics (``distiller_dcq.engine.synthesis``; ``--set KEY=VALUE`` 
 becomes a *synthetic directory*: ``train/<class>/*.png``, each image under the class the teacher predicts,
 and ``synthetic.json``. Given to compress_classifier.py (or ``distiller_dcq.subsets``) as the dataset
 directory, its images are the training set, while the validation and test sets are the real ones of
-``--data``, split as in a run on ``--data`` itself (same ``--vs``, same ``--seed``); no training image of
-``--data`` is read, here or in the run. Networks without BatchNorm (LeNet) are refused: they hold no
-statistics of their data.
+``--data``, split as in a run on ``--data`` itself (same ``--vs``, same ``--seed``): no image of ``--data``
+is trained on, and none of its training images is read at all with ``--vs 0`` (Distiller then validates on
+the test set). Networks without BatchNorm (LeNet) are refused: they hold no statistics of their data.
 """
 import argparse
 import functools
@@ -18,12 +18,14 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from .engine.synthesis import SynthesisConfig, predicted_classes, synthesize
+from .subsets import is_subset_dir
 
 MANIFEST = "synthetic.json"
 IMAGES = "train"
@@ -134,15 +136,31 @@ def save_grid(data_dir, out, per_class=10):
     save_image(torch.stack(tiles), out, nrow=per_class, padding=1, pad_value=1.0)
 
 
-def _prepare_out(out, force):
+def _check_out(out, force):
+    """Refuse an ``--out`` that holds anything but a synthetic directory, and that one without ``force``."""
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         if not is_synthetic_dir(out):
             raise ValueError(f"--out {out!r} exists and is not a synthetic directory: give a new or empty directory")
         if not force:
             raise ValueError(f"--out {out!r} already holds synthetic images: --force replaces them")
-        shutil.rmtree(os.path.join(out, IMAGES), ignore_errors=True)
-        os.remove(os.path.join(out, MANIFEST))
-    os.makedirs(out, exist_ok=True)
+
+
+def _write_out(out, write):
+    """``write(directory)`` into a new directory beside ``out``, then swap its images and manifest into ``out``:
+    until then an earlier synthetic directory there stays whole, and an interrupted run leaves no partial one."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}-", dir=parent)
+    try:
+        write(staging)
+        os.makedirs(out, exist_ok=True)
+        if is_synthetic_dir(out):
+            os.remove(os.path.join(out, MANIFEST))  # first: a directory without it is never taken for a finished one
+            shutil.rmtree(os.path.join(out, IMAGES))
+        os.replace(os.path.join(staging, IMAGES), os.path.join(out, IMAGES))
+        os.replace(os.path.join(staging, MANIFEST), os.path.join(out, MANIFEST))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def make_synthetic_dir(arch, teacher, count, data_dir, out, config=SynthesisConfig(), seed=0, device="cpu",
@@ -155,16 +173,18 @@ def make_synthetic_dir(arch, teacher, count, data_dir, out, config=SynthesisConf
     if not os.path.isdir(data_dir):
         raise ValueError(f"--data {data_dir!r} does not exist: give the real dataset directory (its validation and "
                          f"test sets are the runs')")
+    if is_synthetic_dir(data_dir) or is_subset_dir(data_dir):
+        raise ValueError(f"--data {data_dir!r} is a {'synthetic' if is_synthetic_dir(data_dir) else 'subset'} "
+                         f"directory: give the real dataset directory it comes from")
+    _check_out(out, force)
     model = load_teacher(arch, teacher, device)
     shape, num_classes, (mean, std) = input_space(arch, data_dir)
     pixel_range = ((0 - mean) / std, (1 - mean) / std)
-    _prepare_out(out, force)
     started = time.time()
     images, aimed, errors = synthesize(model, count, shape, pixel_range, num_classes, config, seed, log)
     pixels = to_pixels(images, mean, std)
     # each image's class: the teacher's prediction of what training will read, the 8-bit image normalized again
     classes = predicted_classes(model, (pixels / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1))
-    write_images(pixels, classes, out, num_classes)
     per_layer = {name: max(batch[name] for batch in errors) for name in errors[0]}
     manifest = {"source": os.path.relpath(os.path.abspath(data_dir), os.path.abspath(out)), "channels": shape[0],
                 "arch": arch, "teacher": os.path.basename(teacher), "images": count, "seed": seed, "device": device,
@@ -174,7 +194,11 @@ def make_synthetic_dir(arch, teacher, count, data_dir, out, config=SynthesisConf
                 "predicted_as_aimed": sum(a == c for a, c in zip(aimed, classes)) / count if config.class_weight
                 else None,
                 "statistics_error_max": max(per_layer.values()), "statistics_error_per_layer": per_layer}
-    Path(out, MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+    def write(directory):
+        write_images(pixels, classes, directory, num_classes)
+        Path(directory, MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    _write_out(out, write)
     return manifest
 
 
@@ -190,7 +214,8 @@ def main(argv=None):
                                                       "sets, and its pixel range and classes (no training image "
                                                       "of it is read)")
     parser.add_argument("--out", required=True, help="the synthetic directory to write")
-    parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same images on one device")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same images (on the CPU; CUDA's kernels "
+                                                             "may differ from run to run)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="synthesis keys (see below)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto (default): cuda when torch sees a GPU")
     parser.add_argument("--force", action="store_true", help="replace the images of an existing synthetic directory")

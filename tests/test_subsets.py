@@ -20,6 +20,13 @@ def test_balanced_indices_take_as_many_of_each_class_from_the_candidates_only():
         balanced_indices(labels, candidates, 501, seed=0)
 
 
+def test_balanced_subsets_draw_the_images_they_always_drew():
+    # the committed studies' subsets: these indices come from the first release of balanced_indices
+    labels = np.repeat(np.arange(10), 100)
+    assert balanced_indices(labels, np.arange(0, 1000, 2), 23, seed=7) == [
+        76, 82, 104, 130, 284, 290, 348, 382, 410, 478, 528, 534, 578, 624, 644, 696, 750, 754, 796, 870, 876, 932, 998]
+
+
 def test_a_class_with_too_few_images_gives_its_share_to_the_others():
     labels = np.array([0] * 2 + [1] * 30 + [2] * 5 + [3] * 40)  # a synthetic directory's classes are uneven
     chosen = balanced_indices(labels, np.arange(len(labels)), 40, seed=1)

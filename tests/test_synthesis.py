@@ -42,7 +42,20 @@ def test_the_statistics_error_falls_to_the_tolerance_in_every_layer():
     assert set(final) == {"1", "4"}  # the two BatchNorm layers, by name
     assert all(error < TOLERANCE for error in final.values()), final
     assert images.shape == (32, *SHAPE) and images.min() >= -1 and images.max() <= 1
-    assert not model.training and all(not p.requires_grad for p in model.parameters())
+
+
+def test_the_network_is_left_as_it_was_its_modes_weights_and_gradients():
+    model = small_network()
+    for p in model.parameters():
+        p.requires_grad_(True)  # a network still being trained elsewhere
+    model.train()
+    model[1].eval()  # a BatchNorm its owner froze
+    weights = [p.detach().clone() for p in model.parameters()]
+    statistics = [b.clone() for b in model.buffers()]
+    synthesize_batch(model, SHAPE, RANGE, [0] * 8, SynthesisConfig(iterations=3, batch_size=8), seed=0)
+    assert [m.training for m in model.modules()] == [True, True, False] + [True] * 7
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(weights + statistics, list(model.parameters()) + list(model.buffers())))
 
 
 def test_the_same_seed_gives_the_same_images_and_another_seed_others():
@@ -100,6 +113,7 @@ def test_keys_are_read_and_checked():
                               ({"lr": "fast"}, "lr is a number"), ({"flip": "maybe"}, "flip is true or false"),
                               ({"batch_size": "0"}, "batch_size is a whole number >= 1"),
                               ({"tv_weight": "-1"}, "tv_weight is a number >= 0"),
-                              ({"lr": "nan"}, "lr is a number >= 0"), ({"jitter": "-1"}, "jitter is a number")):
+                              ({"lr": "nan"}, "lr is a number >= 0"), ({"jitter": "-1"}, "jitter is a number"),
+                              ({"diversity_weight": "0.1", "batch_size": "1"}, "needs batch_size >= 2")):
         with pytest.raises(ValueError, match=message):
             SynthesisConfig.from_settings(settings)

@@ -80,6 +80,8 @@ def test_the_same_seed_gives_the_same_files_and_force_replaces_them(synthetic, c
     replaced = synthesize("--arch", "resnet20_cifar", "--teacher", RESNET_TEACHER, "--images", 16, "--data", cifar,
                           "--out", again, "--seed", 6, "--device", "cpu", "--force", "--set", *QUICK)
     assert replaced.returncode == 0 and len(list((again / "train").rglob("*.png"))) == 16
+    assert json.loads((again / "synthetic.json").read_text())["images"] == 16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]  # written beside it first, nothing left over
 
 
 def _quantized_teachers(tmp_path):
@@ -98,6 +100,8 @@ def _quantized_teachers(tmp_path):
 
 def test_refusals_name_the_problem(cifar, tmp_path):
     with_metadata, weights_only = _quantized_teachers(tmp_path)
+    from distiller_dcq.subsets import write_subset_dir
+    write_subset_dir(str(cifar), 20, 0, str(tmp_path / "subset"))
     (tmp_path / "occupied").mkdir()
     (tmp_path / "occupied" / "notes.txt").write_text("mine")
     common = ["--data", cifar, "--device", "cpu"]
@@ -120,6 +124,8 @@ def test_refusals_name_the_problem(cifar, tmp_path):
          "no synthesis key 'iteration'"),
         (["--arch", "resnet20_cifar", "--teacher", RESNET_TEACHER, "--images", 32, "--data", tmp_path / "nowhere",
           "--device", "cpu", "--set", *QUICK], "does not exist"),
+        (["--arch", "resnet20_cifar", "--teacher", RESNET_TEACHER, "--images", 32, "--data", tmp_path / "subset",
+          "--device", "cpu", "--set", *QUICK], "is a subset directory: give the real dataset directory"),
     ]
     for args, message in cases:
         done = synthesize(*args, "--out", tmp_path / "out")
@@ -170,3 +176,15 @@ def test_the_fewshot_study_runs_its_label_free_arms_on_synthetic_images(tmp_path
     assert "### resnet20_cifar, synthetic images: data-free" in table and "python -m distiller_dcq.synthesize" in table
     assert (out / "synthetic_resnet20_cifar.png").stat().st_size > 2000
     assert (out / "fewshot_resnet20_cifar.png").stat().st_size > 5000
+    # what another study would leave in the same --out is refused, not reused: other synthesis settings, and
+    # N = 16 drawn from a pool of 16 where the finished run drew it from 32
+    common = ["--distiller-src", str(distiller_src), "--networks", "resnet20_cifar", "--arms", "kd_labelfree",
+              "--images", "synthetic", "--seeds", "0", "--data", f"resnet20_cifar={cifar}",
+              "--teacher", f"resnet20_cifar={RESNET_TEACHER}", "--device", "cpu", "--out", str(out)]
+    with pytest.raises(SystemExit, match=r"synthesized with other settings \(config: "):
+        fewshot.main([*common, "--sizes", "16", "32", "--synthesis", "iterations=4", "batch_size=16"])
+    with pytest.raises(SystemExit, match=r"resnet20_cifar_n16_seed0_synthetic draws from .*_synthetic_n32 "):
+        fewshot.main([*common, "--sizes", "16", "--synthesis", "iterations=3", "batch_size=16", "class_weight=1"])
+    with pytest.raises(SystemExit) as twice:
+        fewshot.main([*common, "--sizes", "16", "--images", "synthetic", "synthetic"])
+    assert twice.value.code == 2

@@ -14,8 +14,9 @@ from torch import nn
 
 @dataclass(frozen=True)
 class SynthesisConfig:
-    """How images are synthesized; each field is a key of ``synthesize``'s ``--set KEY=VALUE``. The priors are
-    off by default: none beat the statistics term alone (benchmarks/results/synthesis_priors)."""
+    """How images are synthesized; each field is a key of ``synthesize``'s ``--set KEY=VALUE``. The weighted
+    priors are off by default (none beat the statistics term alone: benchmarks/results/synthesis_priors);
+    jitter and flips, DeepInversion's, are on."""
     iterations: int = 200  # Adam steps per batch
     lr: float = 0.1  # Adam's rate, on pixels in the network's (normalized) input space
     batch_size: int = 256  # images optimized together: their batch statistics are matched
@@ -36,6 +37,8 @@ class SynthesisConfig:
                 raise ValueError(f"{name} is a number >= 0, got {getattr(self, name)!r}")
         if not isinstance(self.jitter, int) or self.jitter < 0:
             raise ValueError(f"jitter is a number of pixels >= 0, got {self.jitter!r}")
+        if self.diversity_weight and self.batch_size < 2:
+            raise ValueError("diversity_weight keeps a batch's images apart: it needs batch_size >= 2")
 
     @classmethod
     def from_settings(cls, settings):
@@ -142,7 +145,8 @@ def synthesize_batch(model, input_shape, pixel_range, classes, config, seed, on_
     ``input_shape``: (channels, height, width); ``pixel_range``: (low, high) tensors of one value per channel,
     the network's inputs for pixels 0 and 1, which the images are kept within. ``seed`` alone decides the
     noise, the jitter and the flips. ``on_iteration(i, losses)`` is called after each step.
-    Returns (images on the CPU, the final {layer: statistics error} of the un-jittered batch)."""
+    Returns (images on the CPU, the final {layer: statistics error} of the un-jittered batch); the model's
+    modes and gradients are left as they were."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     low, high = (bound.view(1, -1, 1, 1).to(device) for bound in pixel_range)
@@ -150,13 +154,12 @@ def synthesize_batch(model, input_shape, pixel_range, classes, config, seed, on_
     images = (low + (high - low) * noise.to(device)).requires_grad_(True)
     targets = torch.as_tensor(classes, device=device)
     optimizer = torch.optim.Adam([images], lr=config.lr)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     statistics = BatchNormStatistics(model)
     features = _LastLinearInput(model) if config.diversity_weight else None
     try:
         for iteration in range(config.iterations):
-            optimizer.zero_grad(set_to_none=True)
             logits = model(_jitter_and_flip(images, config, generator))
             layer_errors = statistics.errors()
             losses = {"statistics": sum(layer_errors.values()) / len(layer_errors)}
@@ -171,7 +174,7 @@ def synthesize_batch(model, input_shape, pixel_range, classes, config, seed, on_
             weights = {"statistics": config.statistics_weight, "class": config.class_weight,
                        "tv": config.tv_weight, "l2": config.l2_weight, "diversity": config.diversity_weight}
             total = sum(weights[name] * value for name, value in losses.items())
-            total.backward()
+            images.grad, = torch.autograd.grad(total, [images])  # the pixels' only: the weights' stay as they were
             optimizer.step()
             with torch.no_grad():
                 images.copy_(torch.max(torch.min(images, high), low))
@@ -184,7 +187,8 @@ def synthesize_batch(model, input_shape, pixel_range, classes, config, seed, on_
         statistics.remove()
         if features:
             features.remove()
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     return images.detach().cpu(), final
 
 

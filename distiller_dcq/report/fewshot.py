@@ -17,6 +17,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import shlex
 import statistics
 import subprocess
@@ -27,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..subsets import write_subset_dir
+from ..subsets import is_subset_dir, read_subset_dir, write_subset_dir
 from .reproduce import NETWORKS, _resolve, resolve_common_args
 from .runs import (add_device_options, device_description, device_options, exit_if_any_failed, portable_paths,
                    run_compress_classifier, same_run, with_pythonpath)
@@ -76,9 +77,8 @@ VARIANTS = {
     "a2": (lambda suffix: suffix + "_a2", "binary weights, 2-bit DoReFa activations"),
 }
 VARIANT_ARMS = ("dorefa_ce", "dorefa_kd", "kd_labelfree", "dcq_mixed_labelfree")
-# where the training images come from -> what that is; synthetic images run only the arms that read no labels
-IMAGES = {"real": "the network's own training images",
-          "synthetic": "synthesized from the FP teacher alone (distiller_dcq.synthesize), none of the training set"}
+# where the training images come from: the training set, or distiller_dcq.synthesize (the arms that read no labels)
+IMAGES = ("real", "synthetic")
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class Run:
     seed: int
     variant: str = ""  # a key of VARIANTS; "": binary weights, FP activations
     budget: int = None  # optimizer steps (images per epoch = budget x batch / epochs); None: the study's own
-    images: str = "real"  # a key of IMAGES: where the N training images come from
+    images: str = "real"  # one of IMAGES: where the N training images come from
 
     @property
     def name(self):
@@ -121,7 +121,8 @@ def plan(args):
     main = [Run(arch, size, arm, seed, budget=budget, images=images) for small in (True, False)
             for seed in args.seeds for arch in args.networks for budget in budgets(args, arch)
             for images in args.images for size in sizes(args, arch) if few(size) == small and seed in seeds(size)
-            for arm in args.arms if runs_at(arch, arm, size) and (images == "real" or not ARMS[arm][2])]
+            for arm in args.arms if runs_at(arch, arm, size)
+            and (images == "real" or (not ARMS[arm][2] and size is not None))]  # synthetic: label-free, at an N
     return main + [Run(arch, size, arm, seed, variant, budget) for arch in args.networks
                    for budget in budgets(args, arch)
                    for variant, variant_sizes in STUDY[arch]["variants"].items() if variant in args.variants
@@ -151,6 +152,12 @@ def data_options(args, run):
     times = repeat(run.arch, run.size, run.budget)
     subset = args.out / "data" / (f"{run.arch}_n{run.size}_seed{run.seed}" + (f"_x{times}" if run.budget else "")
                                   + ("" if run.images == "real" else f"_{run.images}"))
+    if is_subset_dir(str(subset)):
+        drawn = read_subset_dir(str(subset))
+        if (os.path.realpath(drawn[0]), *drawn[1:]) != (os.path.realpath(source), run.size, run.seed, times):
+            sys.exit(f"{subset} draws from {drawn[0]} (N = {drawn[1]}, seed {drawn[2]}, x{drawn[3]}), not from "
+                     f"{source}: runs made from it would be reused as if made from the images asked for; give "
+                     f"another --out, or delete it and the runs made from it")
     write_subset_dir(str(source), run.size, run.seed, str(subset), times)
     return subset, "1.0"
 
@@ -163,15 +170,20 @@ def teacher(args, arch):
     return _resolve(args.teacher.get(arch) or Path("../shared/teachers") / f"{arch}_fp.pth.tar", args.places)
 
 
+def pool_size(args, arch):
+    """How many images the synthetic pool of ``arch`` holds: the largest N."""
+    return max(n for n in sizes(args, arch) if n)
+
+
 def synthetic_pool(args, arch):
-    """The synthetic directory the synthetic runs of ``arch`` draw their N images from: as many images as the
-    largest N, synthesized with ``synthesize_command`` (seed 0)."""
-    return args.out / "data" / f"{arch}_synthetic_n{max(n for n in sizes(args, arch) if n)}"
+    """The synthetic directory the synthetic runs of ``arch`` draw their N images from: ``pool_size`` images
+    synthesized with ``synthesize_command`` (seed 0)."""
+    return args.out / "data" / f"{arch}_synthetic_n{pool_size(args, arch)}"
 
 
 def synthesize_command(args, arch):
     return [sys.executable, "-m", "distiller_dcq.synthesize", "--arch", arch, "--teacher", teacher(args, arch),
-            "--images", str(max(n for n in sizes(args, arch) if n)), "--data", real_data(args, arch),
+            "--images", str(pool_size(args, arch)), "--data", real_data(args, arch),
             "--out", synthetic_pool(args, arch), "--seed", "0", "--device", args.device] + (
                ["--set", *args.synthesis] if args.synthesis else [])
 
@@ -183,6 +195,7 @@ def make_synthetic_pools(args, env, say):
     for arch in args.networks if "synthetic" in args.images else []:
         pool = synthetic_pool(args, arch)
         if (pool / MANIFEST).exists():
+            check_kept_pool(args, arch, json.loads((pool / MANIFEST).read_text()))
             say(f"{arch}: synthetic images kept from {pool}")
             continue
         cmd = [str(c) for c in synthesize_command(args, arch)]
@@ -194,6 +207,27 @@ def make_synthetic_pools(args, env, say):
         if done.returncode != 0:
             sys.exit(f"synthesizing {arch}'s images failed (exit status {done.returncode}); see above")
         say(done.stdout.strip())
+
+
+def synthesis_config(args):
+    """The SynthesisConfig that ``--synthesis KEY=VALUE ...`` asks for (ValueError, naming the problem)."""
+    from ..engine.synthesis import SynthesisConfig
+    malformed = [pair for pair in args.synthesis or [] if "=" not in pair]
+    if malformed:
+        raise ValueError(f"{malformed[0]!r}: give KEY=VALUE")
+    return SynthesisConfig.from_settings(dict(pair.split("=", 1) for pair in args.synthesis or []))
+
+
+def check_kept_pool(args, arch, manifest):
+    """Exit, naming the difference, when a finished pool in ``--out`` was synthesized otherwise than this study
+    asks (its runs would be reused as if made from the images asked for)."""
+    asked = {"config": synthesis_config(args).as_dict(), "teacher": teacher(args, arch).name,
+             "images": pool_size(args, arch), "seed": 0}
+    differs = [key for key, value in asked.items() if manifest.get(key) != value]
+    if differs:
+        sys.exit(f"{synthetic_pool(args, arch)} was synthesized with other settings ({', '.join(differs)}: "
+                 f"{', '.join(f'{manifest.get(k)} there, {asked[k]} asked' for k in differs)}): give another --out, "
+                 f"or delete that directory and the synthetic runs made from it")
 
 
 def plot_synthetic_images(args):
@@ -372,7 +406,7 @@ def write_results(args, runs, results):
         if synthetic:
             lines += ["", f"### {arch}, synthetic images: data-free", "",
                       f"The N training images are drawn (class-balanced as the teacher labels them, with the run's "
-                      f"seed) from {max(n for n in sizes(args, arch) if n)} images synthesized from the FP teacher "
+                      f"seed) from {pool_size(args, arch)} images synthesized from the FP teacher "
                       f"alone: `{shlex.join(str(c) for c in synthesize_command(args, arch))}`; none of the "
                       f"training set is read (validation and test: the real ones). Ten of each class, as the "
                       f"teacher labels them: ![synthetic {arch}](synthetic_{arch}.png)", ""]
@@ -420,12 +454,13 @@ def reference_points(args, arch, recalibrated):
         return {}
     column = "test_top1_recalibrated_bn" if recalibrated else "test_top1"
     top1s = {}
-    for row in csv.DictReader(open(args.reference)):
-        size = None if row["N"] == "full" else int(row["N"])
-        if (row["network"], row.get("images", "real"), row["variant"], int(row["steps"])) == (
-                arch, "real", "binary", run_steps(arch, size)) and row["arm"] in args.arms \
-                and size in sizes(args, arch) and _is_number(row[column]):
-            top1s.setdefault(row["arm"], {}).setdefault(size, []).append(float(row[column]))
+    with open(args.reference, newline="") as f:
+        for row in csv.DictReader(f):
+            size = None if row["N"] == "full" else int(row["N"])
+            if (row["network"], row.get("images", "real"), row["variant"], int(row["steps"])) == (
+                    arch, "real", "binary", run_steps(arch, size)) and row["arm"] in args.arms \
+                    and size in sizes(args, arch) and _is_number(row[column]):
+                top1s.setdefault(row["arm"], {}).setdefault(size, []).append(float(row[column]))
     return {arm: [(n, statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
                   for n, v in sorted(by_size.items(), key=lambda item: item[0] or math.inf)]
             for arm, by_size in top1s.items()}
@@ -498,7 +533,7 @@ def main(argv=None):
                              "(section stage, AdaRound window) scale with the budget. Every arm at an N takes the same "
                              "steps; exactly the budget when N x round(images / N) fills whole batches, more when N "
                              "is above an epoch's images (one pass an epoch): the tables say the steps taken")
-    parser.add_argument("--images", nargs="+", default=["real"], choices=list(IMAGES),
+    parser.add_argument("--images", nargs="+", default=["real"], choices=IMAGES,
                         help="training images: real (default), synthetic (data-free: the arms without labels, on "
                              "images synthesized from the teacher, as many as the largest N, seed 0, made first), "
                              "or both")
@@ -531,9 +566,18 @@ def main(argv=None):
                          f"number of steps >= {epochs} whose images (steps x {batch}) split into {epochs} equal epochs")
     if any(n < 0 for n in args.sizes or []):
         parser.error("--sizes are numbers of training images (0: the full training part)")
-    for option, values in (("--sizes", args.sizes), ("--steps", args.steps), ("--seeds", args.seeds)):
+    for option, values in (("--sizes", args.sizes), ("--steps", args.steps), ("--seeds", args.seeds),
+                           ("--images", args.images)):
         if values and len(set(values)) < len(values):
             parser.error(f"{option} names a value twice ({' '.join(map(str, values))}): each run would be planned twice")
+    try:  # the synthesis keys, checked before anything runs
+        synthesis_config(args)
+    except ValueError as err:
+        parser.error(f"--synthesis: {err}")
+    if args.reference and args.steps:
+        parser.error("--reference draws an earlier study at the study's own budget: leave out --steps")
+    if args.reference and not args.reference.is_file():
+        parser.error(f"--reference {args.reference}: no such file (an earlier study's results.csv)")
     if "synthetic" in args.images and not any(n for arch in args.networks for n in sizes(args, arch)):
         parser.error("--images synthetic needs a size N (--sizes): the full training part is real images")
     runs = plan(args)
