@@ -14,6 +14,7 @@ the test set). Networks without BatchNorm (LeNet) are refused: they hold no stat
 """
 import argparse
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ from .subsets import is_subset_dir
 
 MANIFEST = "synthetic.json"
 IMAGES = "train"
+STAGING = ".synthesizing-"  # a directory inside --out where a run writes before it swaps its images in
 QUANTIZED_VALUES = 16  # a Conv/Linear weight tensor with this few distinct values is a quantized one
 
 
@@ -137,30 +139,24 @@ def save_grid(data_dir, out, per_class=10):
 
 
 def _check_out(out, force):
-    """Refuse an ``--out`` that holds anything but a synthetic directory, and that one without ``force``."""
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    """Refuse an ``--out`` that holds anything but a synthetic directory (and an unfinished run's staging
+    directory), and a synthetic one without ``force``."""
+    if os.path.exists(out) and (not os.path.isdir(out) or
+                                any(not entry.startswith(STAGING) for entry in os.listdir(out))):
         if not is_synthetic_dir(out):
             raise ValueError(f"--out {out!r} exists and is not a synthetic directory: give a new or empty directory")
         if not force:
             raise ValueError(f"--out {out!r} already holds synthetic images: --force replaces them")
 
 
-def _write_out(out, write):
-    """``write(directory)`` into a new directory beside ``out``, then swap its images and manifest into ``out``:
-    until then an earlier synthetic directory there stays whole, and an interrupted run leaves no partial one."""
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}-", dir=parent)
-    try:
-        write(staging)
-        os.makedirs(out, exist_ok=True)
-        if is_synthetic_dir(out):
-            os.remove(os.path.join(out, MANIFEST))  # first: a directory without it is never taken for a finished one
-            shutil.rmtree(os.path.join(out, IMAGES))
-        os.replace(os.path.join(staging, IMAGES), os.path.join(out, IMAGES))
-        os.replace(os.path.join(staging, MANIFEST), os.path.join(out, MANIFEST))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def _swap_in(staging, out):
+    """Move the images and manifest written in ``staging`` (inside ``out``) into ``out``: the old images are
+    renamed aside first and deleted last, so that no step deletes a set before the new one is in place."""
+    old = os.path.join(staging, "replaced")
+    if os.path.lexists(os.path.join(out, IMAGES)):
+        os.replace(os.path.join(out, IMAGES), old)
+    os.replace(os.path.join(staging, IMAGES), os.path.join(out, IMAGES))
+    os.replace(os.path.join(staging, MANIFEST), os.path.join(out, MANIFEST))
 
 
 def make_synthetic_dir(arch, teacher, count, data_dir, out, config=SynthesisConfig(), seed=0, device="cpu",
@@ -180,26 +176,42 @@ def make_synthetic_dir(arch, teacher, count, data_dir, out, config=SynthesisConf
     model = load_teacher(arch, teacher, device)
     shape, num_classes, (mean, std) = input_space(arch, data_dir)
     pixel_range = ((0 - mean) / std, (1 - mean) / std)
-    started = time.time()
-    images, aimed, errors = synthesize(model, count, shape, pixel_range, num_classes, config, seed, log)
-    pixels = to_pixels(images, mean, std)
-    # each image's class: the teacher's prediction of what training will read, the 8-bit image normalized again
-    classes = predicted_classes(model, (pixels / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1))
-    per_layer = {name: max(batch[name] for batch in errors) for name in errors[0]}
-    manifest = {"source": os.path.relpath(os.path.abspath(data_dir), os.path.abspath(out)), "channels": shape[0],
-                "arch": arch, "teacher": os.path.basename(teacher), "images": count, "seed": seed, "device": device,
-                "config": config.as_dict(), "seconds": round(time.time() - started),
-                "images_per_class": [classes.count(c) for c in range(num_classes)],
-                # with no class term the classes aimed at mean nothing
-                "predicted_as_aimed": sum(a == c for a, c in zip(aimed, classes)) / count if config.class_weight
-                else None,
-                "statistics_error_max": max(per_layer.values()), "statistics_error_per_layer": per_layer}
-
-    def write(directory):
-        write_images(pixels, classes, directory, num_classes)
-        Path(directory, MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    _write_out(out, write)
+    os.makedirs(out, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=STAGING, dir=out)  # inside --out: its filesystem, made before the hours of work
+    try:
+        started = time.time()
+        images, aimed, errors = synthesize(model, count, shape, pixel_range, num_classes, config, seed, log)
+        pixels = to_pixels(images, mean, std)
+        # each image's class: the teacher's prediction of what training will read, the 8-bit image normalized again
+        classes = predicted_classes(model, (pixels / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1))
+        per_layer = {name: max(batch[name] for batch in errors) for name in errors[0]}
+        manifest = {"source": os.path.relpath(os.path.abspath(data_dir), os.path.abspath(out)), "channels": shape[0],
+                    "arch": arch, "teacher": os.path.basename(teacher), "teacher_sha256": file_sha256(teacher),
+                    "images": count, "seed": seed, "device": device,
+                    "config": config.as_dict(), "seconds": round(time.time() - started),
+                    "images_per_class": [classes.count(c) for c in range(num_classes)],
+                    # with no class term the classes aimed at mean nothing
+                    "predicted_as_aimed": sum(a == c for a, c in zip(aimed, classes)) / count if config.class_weight
+                    else None,
+                    "statistics_error_max": max(per_layer.values()), "statistics_error_per_layer": per_layer}
+        write_images(pixels, classes, staging, num_classes)
+        Path(staging, MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        _swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for entry in os.listdir(out):  # what runs killed before the swap left
+        if entry.startswith(STAGING):
+            shutil.rmtree(os.path.join(out, entry), ignore_errors=True)
     return manifest
+
+
+def file_sha256(path):
+    """The SHA-256 of a file's bytes (the teacher a synthetic directory was made from, whatever its name)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def main(argv=None):

@@ -100,9 +100,11 @@ def test_refusals():
     for count in (8, 24):
         with pytest.raises(ValueError, match="multiple of the batch size"):
             synthesize(model, count, SHAPE, RANGE, 4, SynthesisConfig(iterations=1, batch_size=16))
+    no_linear = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))  # in training mode
     with pytest.raises(ValueError, match="needs a Linear"):
-        synthesize_batch(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval(), SHAPE, RANGE, [0] * 4,
-                         SynthesisConfig(iterations=1, batch_size=4, diversity_weight=1.0), seed=0)
+        synthesize_batch(no_linear, SHAPE, RANGE, [0] * 4, SynthesisConfig(iterations=1, batch_size=4,
+                                                                           diversity_weight=1.0), seed=0)
+    assert all(m.training and not m._forward_hooks for m in no_linear.modules())  # left as it was
 
 
 def test_keys_are_read_and_checked():

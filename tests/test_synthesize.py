@@ -81,7 +81,17 @@ def test_the_same_seed_gives_the_same_files_and_force_replaces_them(synthetic, c
                           "--out", again, "--seed", 6, "--device", "cpu", "--force", "--set", *QUICK)
     assert replaced.returncode == 0 and len(list((again / "train").rglob("*.png"))) == 16
     assert json.loads((again / "synthetic.json").read_text())["images"] == 16
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]  # written beside it first, nothing left over
+    assert sorted(p.name for p in again.iterdir()) == ["synthetic.json", "train"]  # no staging directory left
+    before = files(again)
+    from distiller_dcq.engine.synthesis import SynthesisConfig
+    from distiller_dcq.synthesize import make_synthetic_dir
+
+    def interrupt(message):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):  # stopped while synthesizing: the old set stays whole
+        make_synthetic_dir("resnet20_cifar", str(RESNET_TEACHER), 16, str(cifar), str(again),
+                           SynthesisConfig(iterations=3, batch_size=16), seed=7, force=True, log=interrupt)
+    assert files(again) == before and sorted(p.name for p in again.iterdir()) == ["synthetic.json", "train"]
 
 
 def _quantized_teachers(tmp_path):
@@ -138,7 +148,8 @@ def test_refusals_name_the_problem(cifar, tmp_path):
     assert (tmp_path / "occupied" / "notes.txt").read_text() == "mine"
 
 
-def test_the_fewshot_study_runs_its_label_free_arms_on_synthetic_images(tmp_path, cifar, distiller_src, monkeypatch):
+def test_the_fewshot_study_runs_its_label_free_arms_on_synthetic_images(tmp_path, cifar, distiller_src, monkeypatch,
+                                                                         capsys):
     from distiller_dcq.report import fewshot
     # ResNet-20 from 32 synthetic images (the whole pool) and 16 drawn from it: one epoch of 32, batches of 16
     monkeypatch.setitem(fewshot.STUDY, "resnet20_cifar", dict(sizes=(16, 32), epochs=1, images_per_epoch=32, batch=16,
@@ -154,6 +165,11 @@ def test_the_fewshot_study_runs_its_label_free_arms_on_synthetic_images(tmp_path
     assert fewshot.reference_points(SimpleNamespace(reference=reference, arms=["kd_labelfree"], sizes=[16, 32]),
                                     "resnet20_cifar", recalibrated=True) == {
         "kd_labelfree": [(16, 50.5, pytest.approx(0.7071, abs=1e-4)), (32, 50.5, pytest.approx(0.7071, abs=1e-4))]}
+    older = tmp_path / "older.csv"  # a study from before the steps and images columns: its own budget, real images
+    older.write_text("run,network,N,arm,variant,seed,test_top1,test_top1_recalibrated_bn,seconds\n"
+                     "a,resnet20_cifar,16,kd_labelfree,binary,0,41,51,9\n")
+    assert fewshot.reference_points(SimpleNamespace(reference=older, arms=["kd_labelfree"], sizes=[16]),
+                                    "resnet20_cifar", recalibrated=False) == {"kd_labelfree": [(16, 41.0, 0.0)]}
     fewshot.main(["--reference", str(reference), "--distiller-src", str(distiller_src), "--networks", "resnet20_cifar", "--arms", "kd_labelfree",
                   "dorefa_ce", "--images", "synthetic", "--seeds", "0", "--valid-size", "0.02", "--sizes", "16", "32",
                   "--synthesis", "iterations=3", "batch_size=16", "class_weight=1", "--data", f"resnet20_cifar={cifar}",
@@ -179,12 +195,19 @@ def test_the_fewshot_study_runs_its_label_free_arms_on_synthetic_images(tmp_path
     # what another study would leave in the same --out is refused, not reused: other synthesis settings, and
     # N = 16 drawn from a pool of 16 where the finished run drew it from 32
     common = ["--distiller-src", str(distiller_src), "--networks", "resnet20_cifar", "--arms", "kd_labelfree",
-              "--images", "synthetic", "--seeds", "0", "--data", f"resnet20_cifar={cifar}",
+              "--images", "synthetic", "--seeds", "0", "--valid-size", "0.02", "--data", f"resnet20_cifar={cifar}",
               "--teacher", f"resnet20_cifar={RESNET_TEACHER}", "--device", "cpu", "--out", str(out)]
-    with pytest.raises(SystemExit, match=r"synthesized with other settings \(config: "):
+    same = ["--sizes", "16", "32", "--synthesis", "iterations=3", "batch_size=16", "class_weight=1"]
+    capsys.readouterr()
+    fewshot.main([*common, *same, "--report-only"])  # the same study is not refused: its runs are found
+    assert "2 of 2 runs finished" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"_synthetic_n32 was synthesized otherwise \(iterations 3 there, 4 asked; "
+                                         r"class_weight 1.0 there, 0.0 asked\)"):
         fewshot.main([*common, "--sizes", "16", "32", "--synthesis", "iterations=4", "batch_size=16"])
-    with pytest.raises(SystemExit, match=r"resnet20_cifar_n16_seed0_synthetic draws from .*_synthetic_n32 "):
+    with pytest.raises(SystemExit, match=r"n16_seed0_synthetic draws N = 16, seed 0, x2 from .*_synthetic_n32; this "
+                                         r"study asks N = 16, seed 0, x2 from .*_synthetic_n16"):
         fewshot.main([*common, "--sizes", "16", "--synthesis", "iterations=3", "batch_size=16", "class_weight=1"])
+    assert not (out / "data" / "resnet20_cifar_synthetic_n16").exists()  # refused before synthesizing anything
     with pytest.raises(SystemExit) as twice:
         fewshot.main([*common, "--sizes", "16", "--images", "synthetic", "synthetic"])
     assert twice.value.code == 2

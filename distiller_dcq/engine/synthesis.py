@@ -4,6 +4,7 @@ variation, an l2 penalty, random jitter and flips, and a cross-entropy term towa
 plus a diversity term (the batch's features kept apart). Plain PyTorch; ``distiller_dcq.synthesize`` is
 the command that writes them as a dataset.
 """
+import contextlib
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -138,15 +139,28 @@ def _jitter_and_flip(images, config, generator):
     return images
 
 
+@contextlib.contextmanager
+def _evaluation_mode(model):
+    """``model`` in evaluation mode inside, every module's own mode back after (a BatchNorm its owner froze stays
+    frozen)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def synthesize_batch(model, input_shape, pixel_range, classes, config, seed, on_iteration=None):
-    """A batch of ``config.batch_size`` images for ``model`` (kept in evaluation mode, its weights unchanged),
+    """A batch of ``config.batch_size`` images for ``model`` (in evaluation mode, its weights unchanged),
     optimized from noise; image i aims at class ``classes[i]`` when ``config.class_weight`` > 0.
 
     ``input_shape``: (channels, height, width); ``pixel_range``: (low, high) tensors of one value per channel,
     the network's inputs for pixels 0 and 1, which the images are kept within. ``seed`` alone decides the
     noise, the jitter and the flips. ``on_iteration(i, losses)`` is called after each step.
     Returns (images on the CPU, the final {layer: statistics error} of the un-jittered batch); the model's
-    modes and gradients are left as they were."""
+    modes, hooks and gradients are left as they were, whatever happens."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     low, high = (bound.view(1, -1, 1, 1).to(device) for bound in pixel_range)
@@ -154,41 +168,39 @@ def synthesize_batch(model, input_shape, pixel_range, classes, config, seed, on_
     images = (low + (high - low) * noise.to(device)).requires_grad_(True)
     targets = torch.as_tensor(classes, device=device)
     optimizer = torch.optim.Adam([images], lr=config.lr)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    statistics = BatchNormStatistics(model)
-    features = _LastLinearInput(model) if config.diversity_weight else None
-    try:
-        for iteration in range(config.iterations):
-            logits = model(_jitter_and_flip(images, config, generator))
-            layer_errors = statistics.errors()
-            losses = {"statistics": sum(layer_errors.values()) / len(layer_errors)}
-            if config.class_weight:
-                losses["class"] = F.cross_entropy(logits, targets)
-            if config.tv_weight:
-                losses["tv"] = total_variation(images)
-            if config.l2_weight:
-                losses["l2"] = images.pow(2).mean()
-            if config.diversity_weight:
-                losses["diversity"] = mean_cosine_similarity(features.features)
-            weights = {"statistics": config.statistics_weight, "class": config.class_weight,
-                       "tv": config.tv_weight, "l2": config.l2_weight, "diversity": config.diversity_weight}
-            total = sum(weights[name] * value for name, value in losses.items())
-            images.grad, = torch.autograd.grad(total, [images])  # the pixels' only: the weights' stay as they were
-            optimizer.step()
+    weights = {"statistics": config.statistics_weight, "class": config.class_weight, "tv": config.tv_weight,
+               "l2": config.l2_weight, "diversity": config.diversity_weight}
+    statistics = features = None
+    with _evaluation_mode(model):
+        try:
+            statistics = BatchNormStatistics(model)
+            features = _LastLinearInput(model) if config.diversity_weight else None
+            for iteration in range(config.iterations):
+                logits = model(_jitter_and_flip(images, config, generator))
+                layer_errors = statistics.errors()
+                losses = {"statistics": sum(layer_errors.values()) / len(layer_errors)}
+                if config.class_weight:
+                    losses["class"] = F.cross_entropy(logits, targets)
+                if config.tv_weight:
+                    losses["tv"] = total_variation(images)
+                if config.l2_weight:
+                    losses["l2"] = images.pow(2).mean()
+                if config.diversity_weight:
+                    losses["diversity"] = mean_cosine_similarity(features.features)
+                total = sum(weights[name] * value for name, value in losses.items())
+                images.grad, = torch.autograd.grad(total, [images])  # the pixels' only: the weights' stay untouched
+                optimizer.step()
+                with torch.no_grad():
+                    images.copy_(torch.max(torch.min(images, high), low))
+                if on_iteration:
+                    on_iteration(iteration, {name: value.item() for name, value in losses.items()})
             with torch.no_grad():
-                images.copy_(torch.max(torch.min(images, high), low))
-            if on_iteration:
-                on_iteration(iteration, {name: value.item() for name, value in losses.items()})
-        with torch.no_grad():
-            model(images)
-            final = {name: error.item() for name, error in statistics.errors().items()}
-    finally:
-        statistics.remove()
-        if features:
-            features.remove()
-        for module, training in modes:
-            module.training = training
+                model(images)
+                final = {name: error.item() for name, error in statistics.errors().items()}
+        finally:
+            for hooks in (statistics, features):
+                if hooks:
+                    hooks.remove()
     return images.detach().cpu(), final
 
 
@@ -231,14 +243,9 @@ def _duration(seconds):
 def predicted_classes(model, images, batch_size=256):
     """The class ``model`` (evaluation mode) predicts for each image."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return torch.cat([model(images[i:i + batch_size].to(device)).argmax(1).cpu()
-                              for i in range(0, len(images), batch_size)]).tolist()
-    finally:
-        model.train(was_training)
+    with _evaluation_mode(model), torch.no_grad():
+        return torch.cat([model(images[i:i + batch_size].to(device)).argmax(1).cpu()
+                          for i in range(0, len(images), batch_size)]).tolist()
 
 
 __all__ = ["SynthesisConfig", "BatchNormStatistics", "synthesize", "synthesize_batch", "balanced_classes",

@@ -141,24 +141,37 @@ def budgets(args, arch):
     return [None] if args.steps is None else [None if steps == own else steps for steps in args.steps]
 
 
-def data_options(args, run):
-    """The dataset directory (a subset directory made here) and --effective-train-size of ``run``."""
-    study, source = STUDY[run.arch], real_data(args, run.arch)
-    if run.images == "synthetic":
-        source = synthetic_pool(args, run.arch)
-    if run.size is None:
-        # Distiller takes int(size x fraction) images: half an image more keeps the rounding from losing one
-        return source, f"{(images_per_epoch(run.arch, run.budget) + 0.5) / study['train_part']:.8f}"
+def subset_of(args, run):
+    """(the subset directory of ``run``, what it draws: (source, N, seed, repeat)); ``run.size`` is not None."""
+    source = synthetic_pool(args, run.arch) if run.images == "synthetic" else real_data(args, run.arch)
     times = repeat(run.arch, run.size, run.budget)
     subset = args.out / "data" / (f"{run.arch}_n{run.size}_seed{run.seed}" + (f"_x{times}" if run.budget else "")
                                   + ("" if run.images == "real" else f"_{run.images}"))
-    if is_subset_dir(str(subset)):
+    return subset, (source, run.size, run.seed, times)
+
+
+def check_kept_subsets(args, runs):
+    """Exit, naming the difference, when a subset directory in ``--out`` draws other images than its run asks
+    (a run made from it would be reused as if made from the images asked for): before anything is made."""
+    for run in runs:
+        subset, asked = subset_of(args, run) if run.size is not None else (None, None)
+        if subset is None or not is_subset_dir(str(subset)):
+            continue
         drawn = read_subset_dir(str(subset))
-        if (os.path.realpath(drawn[0]), *drawn[1:]) != (os.path.realpath(source), run.size, run.seed, times):
-            sys.exit(f"{subset} draws from {drawn[0]} (N = {drawn[1]}, seed {drawn[2]}, x{drawn[3]}), not from "
-                     f"{source}: runs made from it would be reused as if made from the images asked for; give "
-                     f"another --out, or delete it and the runs made from it")
-    write_subset_dir(str(source), run.size, run.seed, str(subset), times)
+        if (os.path.realpath(drawn[0]), *drawn[1:]) != (os.path.realpath(asked[0]), *asked[1:]):
+            sys.exit(f"{subset} draws N = {drawn[1]}, seed {drawn[2]}, x{drawn[3]} from {drawn[0]}; this study asks "
+                     f"N = {asked[1]}, seed {asked[2]}, x{asked[3]} from {asked[0]}: give another --out, or delete "
+                     f"it and the runs made from it")
+
+
+def data_options(args, run):
+    """The dataset directory (a subset directory made here) and --effective-train-size of ``run``."""
+    if run.size is None:
+        source = synthetic_pool(args, run.arch) if run.images == "synthetic" else real_data(args, run.arch)
+        # Distiller takes int(size x fraction) images: half an image more keeps the rounding from losing one
+        return source, f"{(images_per_epoch(run.arch, run.budget) + 0.5) / STUDY[run.arch]['train_part']:.8f}"
+    subset, (source, size, seed, times) = subset_of(args, run)
+    write_subset_dir(str(source), size, seed, str(subset), times)
     return subset, "1.0"
 
 
@@ -194,8 +207,7 @@ def make_synthetic_pools(args, env, say):
     from ..synthesize import MANIFEST
     for arch in args.networks if "synthetic" in args.images else []:
         pool = synthetic_pool(args, arch)
-        if (pool / MANIFEST).exists():
-            check_kept_pool(args, arch, json.loads((pool / MANIFEST).read_text()))
+        if (pool / MANIFEST).exists():  # what check_kept_pools has accepted
             say(f"{arch}: synthetic images kept from {pool}")
             continue
         cmd = [str(c) for c in synthesize_command(args, arch)]
@@ -218,16 +230,26 @@ def synthesis_config(args):
     return SynthesisConfig.from_settings(dict(pair.split("=", 1) for pair in args.synthesis or []))
 
 
-def check_kept_pool(args, arch, manifest):
+def check_kept_pools(args):
     """Exit, naming the difference, when a finished pool in ``--out`` was synthesized otherwise than this study
-    asks (its runs would be reused as if made from the images asked for)."""
-    asked = {"config": synthesis_config(args).as_dict(), "teacher": teacher(args, arch).name,
-             "images": pool_size(args, arch), "seed": 0}
-    differs = [key for key, value in asked.items() if manifest.get(key) != value]
-    if differs:
-        sys.exit(f"{synthetic_pool(args, arch)} was synthesized with other settings ({', '.join(differs)}: "
-                 f"{', '.join(f'{manifest.get(k)} there, {asked[k]} asked' for k in differs)}): give another --out, "
-                 f"or delete that directory and the synthetic runs made from it")
+    asks (its runs would be reused, or reported, as if made from the images asked for)."""
+    from ..synthesize import MANIFEST, file_sha256, read_synthetic_dir
+    for arch in args.networks if "synthetic" in args.images else []:
+        pool = synthetic_pool(args, arch)
+        if not (pool / MANIFEST).exists():
+            continue
+        manifest = json.loads((pool / MANIFEST).read_text())
+        there, asked = dict(manifest["config"], images=manifest["images"], seed=manifest["seed"]), dict(
+            synthesis_config(args).as_dict(), images=pool_size(args, arch), seed=0)
+        differs = [f"{key} {there.get(key)} there, {value} asked" for key, value in asked.items()
+                   if there.get(key) != value]
+        if manifest.get("teacher_sha256", file_sha256(teacher(args, arch))) != file_sha256(teacher(args, arch)):
+            differs.append(f"teacher: not the bytes of {teacher(args, arch)}")
+        if os.path.realpath(read_synthetic_dir(str(pool))[0]) != os.path.realpath(real_data(args, arch)):
+            differs.append(f"real data {read_synthetic_dir(str(pool))[0]} there, {real_data(args, arch)} asked")
+        if differs:
+            sys.exit(f"{pool} was synthesized otherwise ({'; '.join(differs)}): give another --out, or delete that "
+                     f"directory and the synthetic runs made from it")
 
 
 def plot_synthetic_images(args):
@@ -457,7 +479,9 @@ def reference_points(args, arch, recalibrated):
     with open(args.reference, newline="") as f:
         for row in csv.DictReader(f):
             size = None if row["N"] == "full" else int(row["N"])
-            if (row["network"], row.get("images", "real"), row["variant"], int(row["steps"])) == (
+            # a study from before the budget axis and synthetic images has neither column: its own budget, real
+            steps = int(row["steps"]) if row.get("steps") else run_steps(arch, size)
+            if (row["network"], row.get("images", "real"), row["variant"], steps) == (
                     arch, "real", "binary", run_steps(arch, size)) and row["arm"] in args.arms \
                     and size in sizes(args, arch) and _is_number(row[column]):
                 top1s.setdefault(row["arm"], {}).setdefault(size, []).append(float(row[column]))
@@ -588,6 +612,8 @@ def main(argv=None):
         with lock:
             print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
+    check_kept_subsets(args, runs)
+    check_kept_pools(args)
     if args.report_only:  # a synthetic run whose pool is not there has not run
         runs = [r for r in runs if r.images == "real" or synthetic_pool(args, r.arch).exists()]
     else:
