@@ -509,6 +509,10 @@ def plot(args, runs, results):
         full_at = study["train_part"]  # where "full" sits on the N axis
         panels = [False, True] if study["batchnorm"] else [False]
         fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), sharey=True, squeeze=False)
+        lines = [(b, a) for b in budgets(args, arch) for a in args.arms]  # one colour each, whatever the images
+
+        def colour(budget, arm):
+            return f"C{lines.index((budget, arm)) % 10}"
         for ax, recalibrated in zip(axes[0], panels):
             for budget, images, arm in [(b, i, a) for b in budgets(args, arch) for i in args.images for a in args.arms]:
                 points = []
@@ -523,14 +527,16 @@ def plot(args, runs, results):
                     xs, means, stds = zip(*points)
                     label = arm + (f", {budget or run_steps(arch, None)} steps" if args.steps else "") + (
                         "" if images == "real" else f", {images} images")
+                    style = ":" if images != "real" else "-" if arm.startswith("dcq") else "--"
                     ax.errorbar(xs, means, yerr=stds, marker="o" if images == "real" else "s", capsize=3,
-                                label=label, linestyle=":" if images != "real" else "-" if arm.startswith("dcq")
-                                else "--")
+                                color=colour(budget, arm), label=label, linestyle=style)
             for arm, points in reference_points(args, arch, recalibrated).items():
                 xs, means, stds = zip(*[(n or full_at, m, sd) for n, m, sd in points])
-                ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, alpha=0.45, linestyle="-" if
-                            arm.startswith("dcq") else "--", label=f"{arm}, real images ({args.reference.parent.name})")
+                ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, alpha=0.45, color=colour(None, arm),
+                            linestyle="-" if arm.startswith("dcq") else "--",
+                            label=f"{arm}, real images ({args.reference.parent.name})")
             ax.set_xscale("log")
+            ax.minorticks_off()  # the sizes are the ticks
             ax.set_xticks([n or full_at for n in sizes(args, arch)],
                           [str(n) if n else f"full\n({full_at})" for n in sizes(args, arch)])
             ax.set(title=f"{arch}: binary weights" + (", BatchNorm re-estimated" if recalibrated else ""),
