@@ -80,10 +80,12 @@ def load_teacher(arch, teacher, device):
                          f"run started from")
     model = network_of_checkpoint(teacher, arch, device)
     for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and module.weight.numel() > QUANTIZED_VALUES \
-                and module.weight.unique().numel() <= QUANTIZED_VALUES:
-            raise ValueError(f"{teacher!r}: the weights of {name} take {module.weight.unique().numel()} values, "
-                             f"those of a quantized network; give the FP teacher")
+        if not isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) or module.weight.numel() <= QUANTIZED_VALUES:
+            continue
+        values = module.weight.unique().numel()
+        if values <= QUANTIZED_VALUES:
+            raise ValueError(f"{teacher!r}: the weights of {name} take {values} values, those of a quantized "
+                             f"network; give the FP teacher")
     if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise ValueError(f"{arch} has no BatchNorm layer: its weights hold no statistics of its training data to "
                          f"synthesize images from; quantize it from a few real images instead (report.fewshot)")
@@ -132,9 +134,9 @@ def save_grid(data_dir, out, per_class=10):
     from torchvision.utils import save_image
     images = synthetic_images(data_dir, transforms.ToTensor())
     shape = images[0][0].shape
-    rows = [[images[i][0] for i, target in enumerate(images.targets) if target == c][:per_class]
+    rows = [[i for i, target in enumerate(images.targets) if target == c][:per_class]  # decode only these
             for c in range(len(images.classes))]
-    tiles = [row[k] if k < len(row) else torch.ones(shape) for row in rows for k in range(per_class)]
+    tiles = [images[row[k]][0] if k < len(row) else torch.ones(shape) for row in rows for k in range(per_class)]
     save_image(torch.stack(tiles), out, nrow=per_class, padding=1, pad_value=1.0)
 
 
@@ -233,10 +235,10 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="replace the images of an existing synthetic directory")
     args = parser.parse_args(argv)
     try:
-        malformed = [pair for pair in args.set if "=" not in pair]
-        if malformed:
-            raise ValueError(f"--set {malformed[0]!r}: give KEY=VALUE")
-        config = SynthesisConfig.from_settings(dict(pair.split("=", 1) for pair in args.set))
+        try:
+            config = SynthesisConfig.from_pairs(args.set)
+        except ValueError as err:
+            raise ValueError(f"--set {err}") from None
         device, _ = resolve_device(args.device, 0)
         manifest = make_synthetic_dir(args.arch, args.teacher, args.images, args.data, args.out, config, args.seed,
                                       device, args.force, log=lambda m: print(m, file=sys.stderr, flush=True))

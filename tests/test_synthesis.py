@@ -110,6 +110,9 @@ def test_refusals():
 def test_keys_are_read_and_checked():
     config = SynthesisConfig.from_settings({"iterations": "50", "lr": "0.2", "flip": "false", "tv_weight": "0.1"})
     assert (config.iterations, config.lr, config.flip, config.tv_weight) == (50, 0.2, False, 0.1)
+    assert SynthesisConfig.from_pairs(["lr=0.2", "flip=false"]) == SynthesisConfig(lr=0.2, flip=False)
+    with pytest.raises(ValueError, match="'lr': give KEY=VALUE"):
+        SynthesisConfig.from_pairs(["lr"])
     for settings, message in (({"iteration": "5"}, "no synthesis key 'iteration'"),
                               ({"iterations": "5.5"}, "iterations is a whole number"),
                               ({"lr": "fast"}, "lr is a number"), ({"flip": "maybe"}, "flip is true or false"),

@@ -63,6 +63,14 @@ class SynthesisConfig:
                         from None
         return cls(**values)
 
+    @classmethod
+    def from_pairs(cls, pairs):
+        """A config from ``["KEY=VALUE", ...]`` (command-line pairs)."""
+        malformed = [pair for pair in pairs if "=" not in pair]
+        if malformed:
+            raise ValueError(f"{malformed[0]!r}: give KEY=VALUE")
+        return cls.from_settings(dict(pair.split("=", 1) for pair in pairs))
+
     def as_dict(self):
         return asdict(self)
 

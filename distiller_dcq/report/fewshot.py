@@ -224,10 +224,7 @@ def make_synthetic_pools(args, env, say):
 def synthesis_config(args):
     """The SynthesisConfig that ``--synthesis KEY=VALUE ...`` asks for (ValueError, naming the problem)."""
     from ..engine.synthesis import SynthesisConfig
-    malformed = [pair for pair in args.synthesis or [] if "=" not in pair]
-    if malformed:
-        raise ValueError(f"{malformed[0]!r}: give KEY=VALUE")
-    return SynthesisConfig.from_settings(dict(pair.split("=", 1) for pair in args.synthesis or []))
+    return SynthesisConfig.from_pairs(args.synthesis or [])
 
 
 def check_kept_pools(args):
