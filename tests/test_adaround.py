@@ -117,6 +117,8 @@ def test_adaround_trains_through_compress_classifier_and_must_finish_its_window(
     assert code == 0, out[-3000:]
     log = next((tmp_path / "run").glob("*/*.log")).read_text()
     assert "AdaRound adaround: choices made; " in log and "left their direct level" in log
+    progress = [line for line in log.splitlines() if "AdaRound regularizer" in line]
+    assert progress and all(line.count("AdaRound regularizer") == 1 for line in progress)  # one meter, not one per beta
     short = tmp_path / "short.yaml"
     short.write_text(SCHEDULE.read_text().replace("ending_epoch: 1\n", "ending_epoch: 3\n", 2))
     code, out = run_compress_classifier(tmp_path / "short", "--epochs", "2", "--compress", short,

@@ -115,7 +115,8 @@ class AdaRoundPolicy(ScheduledTrainingPolicy):
         if beta is None:
             return None
         regularizer = self.regularizer_weight * sum(choice.regularizer(beta) for _, choice in self.choices)
-        return PolicyLoss(loss + regularizer, [LossComponent(f"AdaRound regularizer (beta {beta:.1f})", regularizer)])
+        # one name for every step: Distiller keeps a meter per name, and a name with beta in it made one per step
+        return PolicyLoss(loss + regularizer, [LossComponent("AdaRound regularizer", regularizer)])
 
     def before_parameter_optimization(self, model, epoch, minibatch_id, minibatches_per_epoch, zeros_mask_dict,
                                       meta, optimizer):
@@ -134,6 +135,9 @@ class AdaRoundPolicy(ScheduledTrainingPolicy):
 
     def on_epoch_end(self, model, zeros_mask_dict, meta, **kwargs):
         if meta["current_epoch"] != meta["ending_epoch"] - 1:
+            beta = annealed_beta(self._progress, self.warmup, *self.beta)
+            msglogger.info("AdaRound %s: %s", self.name, "regularizer off (warm-up)" if beta is None
+                           else f"regularizer's exponent (beta) {beta:.1f}")
             return
         left = undecided = 0
         with torch.no_grad():
