@@ -23,8 +23,9 @@
 #
 # CUDA_CHECK_STUDY=fewshot_budget: after steps 1-3, instead of the tests and the runs, the few-shot budget study
 # (issue #20) on the GPU: python -m distiller_dcq.report.fewshot --device cuda on ResNet-20 with STUDY_ARMS
-# (kd_labelfree dorefa_kd dcq_adaround_labelfree dcq_adaround_whole_labelfree), STUDY_SIZES (512), STUDY_STEPS
-# (1280), STUDY_SEEDS (0 1 2), STUDY_JOBS (8) runs at a time sharing the GPU, cut at the budget; its report,
+# (kd_labelfree dorefa_kd dcq_adaround_labelfree dcq_adaround_lowlr_labelfree), STUDY_SIZES (1024: N = 512 at 1280
+# steps is measured on the CPU, benchmarks/results/fewshot_budget_seeds), STUDY_STEPS (1280; 5120 is four times
+# the GPU time), STUDY_SEEDS (0 1 2), STUDY_JOBS (8) runs at a time sharing the GPU, cut at the budget; its report,
 # CSV, plots and every run's result.json, log and re-estimation to $OUT/fewshot_budget. Stage the whole CIFAR-10
 # copy for it (30 MiB): CIFAR_TRAIN_PER_CLASS=5000 CIFAR_TEST_PER_CLASS=1000 benchmarks/cuda/stage.sh DISTILLER_SRC.
 # CUDA_CHECK_STUDY=datafree: the same, for data-free quantization (issue #22): the label-free arms STUDY_ARMS
@@ -166,8 +167,8 @@ if [ -n "$STUDY" ]; then
     SIZES=${STUDY_SIZES:-40}; SEEDS=${STUDY_SEEDS:-0}; JOBS=${STUDY_JOBS:-2}; VALID=0.02
     ARMS=${STUDY_ARMS:-kd_labelfree dcq_adaround_whole_labelfree}; EXTRA=(--steps ${STUDY_STEPS:-10})
   else
-    SIZES=${STUDY_SIZES:-512}; SEEDS=${STUDY_SEEDS:-0 1 2}; JOBS=${STUDY_JOBS:-8}; VALID=0.1
-    ARMS=${STUDY_ARMS:-kd_labelfree dorefa_kd dcq_adaround_labelfree dcq_adaround_whole_labelfree}
+    SIZES=${STUDY_SIZES:-1024}; SEEDS=${STUDY_SEEDS:-0 1 2}; JOBS=${STUDY_JOBS:-8}; VALID=0.1
+    ARMS=${STUDY_ARMS:-kd_labelfree dorefa_kd dcq_adaround_labelfree dcq_adaround_lowlr_labelfree}
     EXTRA=(--steps ${STUDY_STEPS:-1280})
   fi
   LIMIT=$(( DEADLINE - $(date +%s) - 20 ))
