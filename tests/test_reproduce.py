@@ -388,6 +388,11 @@ def test_the_fewshot_budget_axis_gives_every_arm_the_same_steps_and_scales_the_e
         assert cmd[cmd.index("--epochs") + 1] == "10" and cmd[cmd.index("--compress") + 1].endswith(run.schedule)
         batches = fewshot.recalibration_options(args, run.arch, run.budget)
         assert batches[batches.index("--train-batches") + 1] == str((run.budget or 320) // 10)
+    # the report's re-estimation command: BATCHES and each budget's value with several, the value with one
+    assert "--train-batches BATCHES" in fewshot._recalibration_template(args, "resnet20_cifar")
+    assert fewshot._batches(args, "resnet20_cifar") == "32 at 320 steps, 128 at 1280 steps, 512 at 5120 steps"
+    assert "--train-batches 128 " in fewshot._recalibration_template(SimpleNamespace(**{**vars(args), "steps": [1280]}),
+                                                                    "resnet20_cifar")
     table = fewshot._table(args, runs, {}, "resnet20_cifar", "")
     assert table[0] == ("| arm | N = 512, 320 steps | N = 1024, 320 steps | N = 512, 1280 steps | N = 1024, 1280 steps "
                         "| N = 512, 5120 steps | N = 1024, 5120 steps |")

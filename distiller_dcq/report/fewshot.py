@@ -364,6 +364,20 @@ def _table(args, runs, results, arch, variant, recalibrated=False, images="real"
     return lines
 
 
+def _recalibration_template(args, arch):
+    """recalibration_options as the report shows them: BATCHES standing for --train-batches with several budgets."""
+    options = recalibration_options(args, arch, budgets(args, arch)[0])
+    if len(budgets(args, arch)) > 1:
+        options[options.index("--train-batches") + 1] = "BATCHES"
+    return shlex.join(options)
+
+
+def _batches(args, arch):
+    """Each budget's --train-batches, as the report lists them."""
+    return ", ".join(f"{images_per_epoch(arch, b) // STUDY[arch]['batch']} at {run_steps(arch, None, b)} steps"
+                     for b in budgets(args, arch))
+
+
 def images_per_epoch(arch, budget=None):
     """Training images per epoch of a run of ``arch`` with ``budget`` optimizer steps (None: the study's own):
     the schedule keeps its epochs, so its stages (the section stage, AdaRound's window) scale with the budget."""
@@ -439,9 +453,10 @@ def write_results(args, runs, results):
                       "worth of their own training images (the N images, repeated, for N below images-per-epoch; "
                       "no labels, no gradients), then tested: for each run, "
                       f"`python -m distiller_dcq.recalibrate DATA {args.out / 'runs'}/NAME/NAME___*/NAME_checkpoint.pth.tar "
-                      f"--arch {arch} --seed SEED {shlex.join(recalibration_options(args, arch))}` "
+                      f"--arch {arch} --seed SEED {_recalibration_template(args, arch)}` "
                       "(DATA, NAME and SEED as in the run's command below"
-                      + ("; --train-batches: the run's images per epoch / batch" if args.steps else "") + ").", ""]
+                      + (f"; BATCHES, the run's images per epoch / batch: {_batches(args, arch)}"
+                         if len(budgets(args, arch)) > 1 else "") + ").", ""]
             for variant in [""] * real + variants:
                 lines += ([f"{VARIANTS[variant][1]}:", ""] if variant else []) + _table(
                     args, runs, results, arch, variant, recalibrated=True) + [""]
