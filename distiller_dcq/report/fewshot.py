@@ -70,13 +70,14 @@ ARMS = {
     "dcq_adaround_lowlr_labelfree": ("dcq_binary_adaround_lowlr_labelfree", "as dcq_adaround_labelfree, the logits-KD "
                                      "phase at a tenth of the rate (0.001)", False),
 }
-# variant of the binary-weight, FP-activation study -> (its schedule suffix made from an arm's, what it is);
-# a variant runs the arms VARIANT_ARMS at the sizes STUDY gives it
-VARIANTS = {
-    "ternary": (lambda suffix: suffix.replace("binary", "ternary"), "ternary weights, FP activations"),
-    "a2": (lambda suffix: suffix + "_a2", "binary weights, 2-bit DoReFa activations"),
-}
+# variant of the binary-weight, FP-activation study -> (its schedule suffix made from an arm's, what it is, the
+# arms it runs, those of --arms with a schedule of the variant); a variant runs at the sizes STUDY gives it
 VARIANT_ARMS = ("dorefa_ce", "dorefa_kd", "kd_labelfree", "dcq_mixed_labelfree")
+VARIANTS = {
+    "ternary": (lambda suffix: suffix.replace("binary", "ternary"), "ternary weights, FP activations",
+                VARIANT_ARMS + ("dcq_adaround_labelfree", "dcq_adaround_lowlr_labelfree")),
+    "a2": (lambda suffix: suffix + "_a2", "binary weights, 2-bit DoReFa activations", VARIANT_ARMS),
+}
 # where the training images come from: the training set, or distiller_dcq.synthesize (the arms that read no labels)
 IMAGES = ("real", "synthetic")
 
@@ -127,7 +128,8 @@ def plan(args):
                    for budget in budgets(args, arch)
                    for variant, variant_sizes in STUDY[arch]["variants"].items() if variant in args.variants
                    for size in variant_sizes if size in sizes(args, arch) or args.sizes is None
-                   for seed in seeds(size) for arm in VARIANT_ARMS if arm in args.arms and "real" in args.images]
+                   for seed in seeds(size) for arm in VARIANTS[variant][2] if arm in args.arms
+                   and "real" in args.images]
 
 
 def sizes(args, arch):
@@ -348,7 +350,7 @@ def _table(args, runs, results, arch, variant, recalibrated=False, images="real"
     runs = [r for r in runs if r.images == images]
     columns = [(size, budget) for budget in budgets(args, arch) for size in sizes(args, arch)
                if any((r.arch, r.size, r.variant, r.budget) == (arch, size, variant, budget) for r in runs)]
-    arms = [arm for arm in (VARIANT_ARMS if variant else args.arms) if arm in args.arms
+    arms = [arm for arm in (VARIANTS[variant][2] if variant else args.arms) if arm in args.arms
             and any((r.arch, r.arm, r.variant) == (arch, arm, variant) for r in runs)]
     lines = ["| arm | " + " | ".join(f"N = {n or 'full'}" + (f", {run_steps(arch, n, b)} steps" if several else "")
                                      for n, b in columns) + " |", "|---|" + "---|" * len(columns)]
