@@ -286,7 +286,7 @@ def test_the_fewshot_study_plans_its_variants_after_the_binary_runs_from_schedul
     adaround = {(run.arch, run.size) for run in runs if run.arm == "dcq_adaround_labelfree"}
     assert adaround == {(arch, n) for arch in fewshot.STUDY for n in fewshot.STUDY[arch]["sizes"]}
     assert {run.arm for run in runs if run.arch == "vgg11_bn_cifar"} == {  # a network with fewer arms
-        "kd_labelfree", "dcq_mixed_labelfree", "dcq_adaround_labelfree"}
+        "kd_labelfree", "dcq_mixed_labelfree", "dcq_adaround_labelfree", "dcq_adaround_lowlr_labelfree"}
     both = fewshot.plan(SimpleNamespace(**{**vars(args), "images": ["real", "synthetic"]}))
     synthetic = {(run.arch, run.size, run.arm) for run in both if run.images == "synthetic"}
     assert synthetic and all(size is not None and not fewshot.ARMS[arm][2] for _, size, arm in synthetic)

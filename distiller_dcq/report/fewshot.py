@@ -48,7 +48,8 @@ STUDY = {
                            arm_sizes={"dcq_blocks_mixed_labelfree": (512, 2048)}),
     # the label-free arms only (data-free quantization's counterparts), as ResNet-20's
     "vgg11_bn_cifar": dict(sizes=(512,), epochs=10, images_per_epoch=2048, batch=64, train_part=45000, variants={},
-                           batchnorm=True, arms=("kd_labelfree", "dcq_mixed_labelfree", "dcq_adaround_labelfree")),
+                           batchnorm=True, arms=("kd_labelfree", "dcq_mixed_labelfree", "dcq_adaround_labelfree",
+                                                 "dcq_adaround_lowlr_labelfree")),
 }
 VALIDATION_SPLIT = "0.1"  # every run's --vs: Distiller's default
 # arm -> (schedule suffix, what it is, whether it reads labels)
