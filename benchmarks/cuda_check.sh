@@ -23,11 +23,14 @@
 #
 # CUDA_CHECK_STUDY=fewshot_budget: after steps 1-3, instead of the tests and the runs, the few-shot budget study
 # (issue #20) on the GPU: python -m distiller_dcq.report.fewshot --device cuda on ResNet-20 with STUDY_ARMS
-# (kd_labelfree dorefa_kd dcq_adaround_labelfree dcq_adaround_lowlr_labelfree), STUDY_SIZES (1024: N = 512 at 1280
-# steps is measured on the CPU, benchmarks/results/fewshot_budget_seeds), STUDY_STEPS (1280; 5120 is four times
-# the GPU time), STUDY_SEEDS (0 1 2), STUDY_JOBS (8) runs at a time sharing the GPU, cut at the budget; its report,
-# CSV, plots and every run's result.json, log and re-estimation to $OUT/fewshot_budget. Stage the whole CIFAR-10
-# copy for it (30 MiB): CIFAR_TRAIN_PER_CLASS=5000 CIFAR_TEST_PER_CLASS=1000 benchmarks/cuda/stage.sh DISTILLER_SRC.
+# (kd_labelfree dorefa_kd dcq_adaround_labelfree dcq_adaround_lowlr_labelfree), STUDY_SIZES (1024: N = 512 at
+# 1280 steps is measured on the CPU, benchmarks/results/fewshot_budget_seeds), STUDY_STEPS (1280; 5120 is four
+# times the GPU time), STUDY_VARIANTS (none; ternary: the same arms with ternary weights, at N = 512 only),
+# STUDY_SEEDS (0 1 2), STUDY_JOBS (8) runs at a time sharing the GPU, cut at the budget (12 runs of 1280 steps:
+# give it CUDA_CHECK_BUDGET_S=520 and a device call of 9 minutes); its report, CSV, plots and every run's
+# result.json, log and re-estimation to $OUT/fewshot_budget. Stage the whole CIFAR-10 copy for it (30 MiB):
+# CIFAR_TRAIN_PER_CLASS=5000 CIFAR_TEST_PER_CLASS=1000 benchmarks/cuda/stage.sh DISTILLER_SRC. VGG-11-BN is not
+# staged: its FP teacher (35 MiB) and the CIFAR-10 copy exceed what a device call carries (64 MiB).
 # CUDA_CHECK_STUDY=datafree: the same, for data-free quantization (issue #22): the label-free arms STUDY_ARMS
 # (kd_labelfree dcq_mixed_labelfree dcq_adaround_labelfree) on STUDY_IMAGES (real synthetic) at STUDY_SIZES
 # (512 2048), the synthetic images made on the GPU first; to $OUT/datafree (36 runs: give it
@@ -153,7 +156,7 @@ say "CIFAR-10 subset: $(find "$SHARED/data/cifar10-jpeg/train" -name '*.jpg' | w
 # --- the few-shot budget study instead of 4-6, when asked -----------------------------------------------------------
 if [ -n "$STUDY" ]; then
   STUDY_OUT=$OUT/$STUDY
-  EXTRA=()
+  EXTRA=(); VARIANTS=${STUDY_VARIANTS:-}
   if [ "$STUDY" = datafree ]; then  # issue #22: the label-free arms on synthetic images, beside real ones
     if [ "$DRY" = 1 ]; then
       SIZES=${STUDY_SIZES:-32}; SEEDS=${STUDY_SEEDS:-0}; JOBS=${STUDY_JOBS:-2}; ARMS=${STUDY_ARMS:-kd_labelfree}
@@ -172,11 +175,11 @@ if [ -n "$STUDY" ]; then
     EXTRA=(--steps ${STUDY_STEPS:-1280})
   fi
   LIMIT=$(( DEADLINE - $(date +%s) - 20 ))
-  say "$STUDY study on $DEVICE for at most $LIMIT s: ${EXTRA[*]}, N $SIZES, seeds $SEEDS, $JOBS at a time"
+  say "$STUDY study on $DEVICE for at most $LIMIT s: ${VARIANTS:+$VARIANTS, }${EXTRA[*]}, N $SIZES, seeds $SEEDS, $JOBS at a time"
   set +e
   (cd "$WORK" && PYTHONPATH=${PKG_PATH:+$PKG_PATH:}$DISTILLER_SRC timeout "$LIMIT" "$PY" -m distiller_dcq.report.fewshot \
     --distiller-src "$DISTILLER_SRC" --device "$DEVICE" --jobs "$JOBS" --networks resnet20_cifar --arms $ARMS \
-    --variants --sizes $SIZES "${EXTRA[@]}" --seeds $SEEDS --valid-size $VALID \
+    --variants $VARIANTS --sizes $SIZES "${EXTRA[@]}" --seeds $SEEDS --valid-size $VALID \
     --data "resnet20_cifar=$SHARED/data/cifar10-jpeg" --teacher "resnet20_cifar=$SHARED/teachers/resnet20_cifar_fp.pth.tar" \
     --out "$WORK/$STUDY") 2>&1 | tee "$WORK/logs/$STUDY.txt"
   STUDY_RC=${PIPESTATUS[0]}
