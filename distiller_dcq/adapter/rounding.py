@@ -48,6 +48,7 @@ class AdaRoundPolicy(ScheduledTrainingPolicy):
         self.beta = tuple(float(b) for b in beta)
         self.choices, self.optimizer, self._window, self._eval_hook = None, None, None, None
         self._hard_in_place = False  # whether the layers hold the hard choices since the last training step
+        self._progress = 0.0  # how far through the window the last training step was, in [0, 1)
         self._resumed = getattr(model, RESUMED_POLICY_STATES, {}).get(name)
 
     def checkpoint_state(self):
