@@ -25,9 +25,10 @@
 # (issue #20) on the GPU: python -m distiller_dcq.report.fewshot --device cuda on ResNet-20 with STUDY_ARMS
 # (kd_labelfree dorefa_kd dcq_adaround_labelfree dcq_adaround_lowlr_labelfree), STUDY_SIZES (1024: N = 512 at
 # 1280 steps is measured on the CPU, benchmarks/results/fewshot_budget_seeds), STUDY_STEPS (1280; 5120 is four
-# times the GPU time), STUDY_VARIANTS (none; ternary: the same arms with ternary weights, at N = 512 only),
-# STUDY_SEEDS (0 1 2), STUDY_JOBS (8) runs at a time sharing the GPU, cut at the budget (12 runs of 1280 steps:
-# give it CUDA_CHECK_BUDGET_S=520 and a device call of 9 minutes); its report, CSV, plots and every run's
+# times the GPU time), STUDY_VARIANTS (none; ternary: the same arms with ternary weights, at N = 512 only, so
+# STUDY_SIZES defaults to 512 and the binary runs at N = 512 run beside them, 24 runs with three seeds; STUDY_SEEDS=0
+# makes it 8), STUDY_SEEDS (0 1 2), STUDY_JOBS (8) runs at a time sharing the GPU, cut at the budget (12 runs of
+# 1280 steps: give it CUDA_CHECK_BUDGET_S=520 and a device call of 9 minutes); its report, CSV, plots and every run's
 # result.json, log and re-estimation to $OUT/fewshot_budget. Stage the whole CIFAR-10 copy for it (30 MiB):
 # CIFAR_TRAIN_PER_CLASS=5000 CIFAR_TEST_PER_CLASS=1000 benchmarks/cuda/stage.sh DISTILLER_SRC. VGG-11-BN is not
 # staged: its FP teacher (35 MiB) and the CIFAR-10 copy exceed what a device call carries (64 MiB).
@@ -170,7 +171,8 @@ if [ -n "$STUDY" ]; then
     SIZES=${STUDY_SIZES:-40}; SEEDS=${STUDY_SEEDS:-0}; JOBS=${STUDY_JOBS:-2}; VALID=0.02
     ARMS=${STUDY_ARMS:-kd_labelfree dcq_adaround_whole_labelfree}; EXTRA=(--steps ${STUDY_STEPS:-10})
   else
-    SIZES=${STUDY_SIZES:-1024}; SEEDS=${STUDY_SEEDS:-0 1 2}; JOBS=${STUDY_JOBS:-8}; VALID=0.1
+    SIZES=${STUDY_SIZES:-$([ -n "$VARIANTS" ] && echo 512 || echo 1024)}  # the ternary variant runs at N = 512 only
+    SEEDS=${STUDY_SEEDS:-0 1 2}; JOBS=${STUDY_JOBS:-8}; VALID=0.1
     ARMS=${STUDY_ARMS:-kd_labelfree dorefa_kd dcq_adaround_labelfree dcq_adaround_lowlr_labelfree}
     EXTRA=(--steps ${STUDY_STEPS:-1280})
   fi

@@ -347,6 +347,12 @@ def test_the_fewshot_tables_show_the_recalibrated_runs_apart_and_name_a_failed_r
     results[runs[1].name]["recalibrated"] = {"failed": "no checkpoint"}
     assert fewshot._table(args, runs, results, "resnet20_cifar", "", recalibrated=True)[2].startswith(
         "| kd_labelfree | failed |")
+    # a variant's rows: the arms in --arms order, those the variant has (a2 runs no AdaRound arm)
+    args = SimpleNamespace(**{**vars(args), "arms": ["dcq_adaround_labelfree", "kd_labelfree", "dorefa_kd"],
+                              "variants": ["ternary"]})
+    ternary = [run for run in fewshot.plan(args) if run.variant == "ternary"]
+    assert [row.split(" | ")[0] for row in fewshot._table(args, ternary, {}, "resnet20_cifar", "ternary")[2:]] == [
+        "| dcq_adaround_labelfree", "| kd_labelfree", "| dorefa_kd"]
 
 
 @pytest.mark.parametrize("size", [60, 1000])
@@ -394,7 +400,7 @@ def test_the_fewshot_budget_axis_gives_every_arm_the_same_steps_and_scales_the_e
         assert batches[batches.index("--train-batches") + 1] == str((run.budget or 320) // 10)
     # the report's re-estimation command: BATCHES and each budget's value with several, the value with one
     assert "--train-batches BATCHES" in fewshot._recalibration_template(args, "resnet20_cifar")
-    assert fewshot._batches(args, "resnet20_cifar") == "32 at 320 steps, 128 at 1280 steps, 512 at 5120 steps"
+    assert fewshot._batches(args, "resnet20_cifar") == "32 for --steps 320, 128 for --steps 1280, 512 for --steps 5120"
     assert "--train-batches 128 " in fewshot._recalibration_template(SimpleNamespace(**{**vars(args), "steps": [1280]}),
                                                                     "resnet20_cifar")
     table = fewshot._table(args, runs, {}, "resnet20_cifar", "")

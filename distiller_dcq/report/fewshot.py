@@ -351,7 +351,7 @@ def _table(args, runs, results, arch, variant, recalibrated=False, images="real"
     runs = [r for r in runs if r.images == images]
     columns = [(size, budget) for budget in budgets(args, arch) for size in sizes(args, arch)
                if any((r.arch, r.size, r.variant, r.budget) == (arch, size, variant, budget) for r in runs)]
-    arms = [arm for arm in (VARIANTS[variant][2] if variant else args.arms) if arm in args.arms
+    arms = [arm for arm in args.arms if (not variant or arm in VARIANTS[variant][2])
             and any((r.arch, r.arm, r.variant) == (arch, arm, variant) for r in runs)]
     lines = ["| arm | " + " | ".join(f"N = {n or 'full'}" + (f", {run_steps(arch, n, b)} steps" if several else "")
                                      for n, b in columns) + " |", "|---|" + "---|" * len(columns)]
@@ -377,7 +377,7 @@ def _recalibration_template(args, arch):
 
 def _batches(args, arch):
     """Each budget's --train-batches, as the report lists them."""
-    return ", ".join(f"{images_per_epoch(arch, b) // STUDY[arch]['batch']} at {run_steps(arch, None, b)} steps"
+    return ", ".join(f"{images_per_epoch(arch, b) // STUDY[arch]['batch']} for --steps {b or run_steps(arch, None)}"
                      for b in budgets(args, arch))
 
 
